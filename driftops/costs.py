@@ -1,0 +1,62 @@
+"""Cost and temperature conventions.
+
+driftops writes every kernel as ``exp(-c(x, y) / eps)`` with
+``c = |x - y|^2`` (``"sqeuclidean"``, Gaussian kernel) or ``c = |x - y|``
+(``"euclidean"``, Laplacian kernel). GeomLoss writes ``exp(-C / blur^p)`` with
+``C = |x - y|^p / p``; :func:`geomloss_params` converts between the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import DriftopsError
+
+COSTS = ("sqeuclidean", "euclidean")
+
+
+def check_cost(cost: str) -> str:
+    """Return ``cost`` if it is a known cost name, else raise :class:`DriftopsError`."""
+    if cost not in COSTS:
+        raise DriftopsError(f"unknown cost {cost!r}; pass one of {', '.join(map(repr, COSTS))}")
+    return cost
+
+
+def cost_power(cost: str) -> int:
+    """The exponent p of the distance in the cost: 2 for sqeuclidean, 1 for euclidean."""
+    return 2 if check_cost(cost) == "sqeuclidean" else 1
+
+
+def dense_cost(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
+    """The full (N, M) cost matrix, computed without the matmul shortcut (exact to rounding)."""
+    diff = x[:, None, :] - y[None, :, :]
+    sq = (diff * diff).sum(-1)
+    return sq if cost_power(cost) == 2 else sq.clamp_min(0).sqrt()
+
+
+def diameter(*clouds: torch.Tensor) -> float:
+    """Length of the diagonal of the bounding box of all points (an upper bound on any distance)."""
+    pts = torch.cat([c.detach().reshape(-1, c.shape[-1]) for c in clouds])
+    return float((pts.amax(0) - pts.amin(0)).norm())
+
+
+def max_cost(cost: str, *clouds: torch.Tensor) -> float:
+    """An upper bound on c(x, y) over the clouds: the starting temperature of eps-annealing."""
+    return max(diameter(*clouds), 1e-12) ** cost_power(cost)
+
+
+def geomloss_params(cost: str, eps: float) -> dict:
+    """``SamplesLoss`` keyword arguments (p, blur) for the driftops (cost, eps) convention."""
+    p = cost_power(cost)
+    # GeomLoss: exp(-|x-y|^p / (p * blur^p)) must equal exp(-|x-y|^p / eps).
+    return {"p": p, "blur": (eps / p) ** (1.0 / p)}
+
+
+def eps_schedule(start: float, stop: float, factor: float) -> list[float]:
+    """Geometric temperatures from ``start`` down to (and ending exactly at) ``stop``."""
+    if start <= stop:
+        return [stop]
+    n = int(math.ceil(math.log(stop / start) / math.log(factor)))
+    return [start * factor**k for k in range(n)] + [stop]

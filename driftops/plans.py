@@ -1,0 +1,164 @@
+"""Transport plans, written once over the reduction interface.
+
+A plan from a source cloud (rows i) to a destination cloud (columns j) is
+represented by column log-weights ``w_j`` such that its row-normalised weights
+are ``P_ij = softmax_j(w_j - c(x_i, y_j)/eps)``; the barycentric map is then
+one ``weighted_mean``:
+
+* ``one_sided``: ``w_j = log m_j`` (m: destination multiplicities);
+* ``two_sided``: ``w_j = log m_j - c_j/2`` with ``c_j = LSE_i(log a_i - c_ij/eps)``,
+  i.e. ``P ∝ sqrt(row-softmax · column-softmax)``;
+* ``sinkhorn``: ``w_j = log b_j + g_j/eps`` with ``g`` the Sinkhorn potential for the
+  marginals a, b (normalised multiplicities), found by log-domain iterations to
+  an L1 marginal error below ``tol``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .backends import Backend
+from .costs import eps_schedule, max_cost
+from .parallel import Cloud, Comm
+
+PLANS = ("one_sided", "two_sided", "sinkhorn")
+
+
+@dataclass
+class Geometry:
+    """What every reduction needs besides the points: temperature, cost, backend, process group."""
+
+    eps: float
+    cost: str
+    backend: Backend
+    comm: Comm
+
+    def lse(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None, eps: float | None = None) -> torch.Tensor:
+        """(n,) ``LSE_j(logw_j - c(rows_i, cols_j)/eps)`` over the full column cloud."""
+        return self.backend.lse(rows, cols.full, eps or self.eps, self.cost, logw, self_offset)
+
+    def weighted_mean(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None) -> torch.Tensor:
+        """(n, D) softmax-weighted mean of the full column cloud's points."""
+        return self.backend.weighted_mean(rows, cols.full, self.eps, self.cost, cols.full, logw, self_offset)
+
+
+@dataclass
+class SinkhornResult:
+    """Log-domain Sinkhorn potentials (full clouds) for ``P_ij = a_i b_j exp((f_i + g_j - c_ij)/eps)``.
+
+    For a self problem (source = destination) ``g`` is ``f``. ``marginal_error``
+    is the L1 error of the column marginal when rows are exact.
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    eps: float
+    iterations: int
+    marginal_error: float
+    converged: bool
+
+
+def _update(geom: Geometry, rows: Cloud, cols: Cloud, pot_cols: torch.Tensor, eps: float) -> torch.Tensor:
+    """The full (gathered) potential on ``rows`` that makes the plan's row marginals exact."""
+    local = -eps * geom.lse(rows.local, cols, cols.log_marginal() + pot_cols / eps, None, eps)
+    return geom.comm.gather(local)
+
+
+def _marginal_error(marginal_log: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float) -> float:
+    """L1 error ``sum_j b_j |exp((old_j - new_j)/eps) - 1|`` of the marginal implied by ``old``."""
+    ratio = torch.exp(((old - new) / eps).clamp(max=50.0))
+    return float((marginal_log.exp() * (ratio - 1).abs()).sum())
+
+
+def sinkhorn(
+    src: Cloud,
+    dst: Cloud | None,
+    geom: Geometry,
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    annealing: float = 0.7,
+    warm_start: SinkhornResult | None = None,
+) -> SinkhornResult:
+    """Sinkhorn potentials between ``src`` and ``dst`` (``dst=None``: the symmetric self problem).
+
+    Starts from ``warm_start`` when given (same cloud sizes), else anneals eps
+    geometrically (factor ``annealing``) from the largest cost down to ``geom.eps``
+    with one update per temperature, then iterates at ``geom.eps`` until the L1
+    marginal error is below ``tol`` or ``max_iter`` iterations were done. The
+    self problem uses the averaged symmetric update ``f <- (f + T(f)) / 2``.
+    """
+    eps = geom.eps
+    symmetric = dst is None
+    dst = src if symmetric else dst
+    if warm_start is not None and warm_start.f.shape[0] == src.full.shape[0] and warm_start.g.shape[0] == dst.full.shape[0]:
+        f, g = warm_start.f, warm_start.g
+        schedule = [eps]
+    else:
+        f = torch.zeros(src.full.shape[0], dtype=src.full.dtype, device=src.full.device)
+        g = torch.zeros(dst.full.shape[0], dtype=dst.full.dtype, device=dst.full.device)
+        schedule = eps_schedule(max_cost(geom.cost, src.full, dst.full), eps, annealing)
+        f = _update(geom, src, dst, g, schedule[0])
+        g = f if symmetric else _update(geom, dst, src, f, schedule[0])
+    for e in schedule[1:]:
+        if symmetric:
+            f = 0.5 * (f + _update(geom, src, src, f, e))
+        else:
+            f = _update(geom, src, dst, g, e)
+            g = _update(geom, dst, src, f, e)
+    err, it = math.inf, 0
+    if symmetric:
+        for it in range(1, max_iter + 1):
+            f_new = _update(geom, src, src, f, eps)
+            err = _marginal_error(src.log_marginal(), f, f_new, eps)
+            if err < tol:
+                break
+            f = 0.5 * (f + f_new)
+        g = f
+    else:
+        f = _update(geom, src, dst, g, eps)
+        for it in range(1, max_iter + 1):
+            g_new = _update(geom, dst, src, f, eps)
+            err = _marginal_error(dst.log_marginal(), g, g_new, eps)
+            if err < tol:
+                break
+            g = g_new
+            f = _update(geom, src, dst, g, eps)
+    converged = err < tol
+    if not converged:
+        warnings.warn(
+            f"Sinkhorn stopped after {max_iter} iterations at eps={eps:g} with marginal error {err:.2e} > tol={tol:g}; "
+            "raise max_iter, raise tol or use a larger eps",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return SinkhornResult(f, g, eps, it, err, converged)
+
+
+def column_logweights(
+    plan: str,
+    src: Cloud,
+    dst: Cloud,
+    geom: Geometry,
+    mask_self: bool,
+    potentials: SinkhornResult | None = None,
+) -> torch.Tensor | None:
+    """(M,) column log-weights of ``plan`` from ``src`` to ``dst`` (see the module docstring).
+
+    ``mask_self`` marks a self interaction (``dst`` is ``src``) whose diagonal is
+    excluded; ``potentials`` are required for ``sinkhorn``.
+    """
+    if plan == "one_sided":
+        return dst.logw
+    if plan == "two_sided":
+        c = geom.comm.gather(geom.lse(dst.local, src, src.logw, dst.offset if mask_self else None))
+        return -0.5 * c if dst.logw is None else dst.logw - 0.5 * c
+    return dst.log_marginal() + potentials.g / geom.eps
+
+
+def barycentric(src: Cloud, dst: Cloud, geom: Geometry, logw: torch.Tensor | None, mask_self: bool) -> torch.Tensor:
+    """(n, D) barycentric map ``T(x_i) = sum_j P_ij y_j`` of the local source rows."""
+    return geom.weighted_mean(src.local, dst, logw, src.offset if mask_self else None)
