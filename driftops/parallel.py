@@ -7,6 +7,7 @@ update. With ``group=None`` everything is local and no communication happens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ class Cloud:
         """(N,) log-weights normalised to a probability vector (uniform when no weights)."""
         if self.logw is None:
             n = self.full.shape[0]
-            return torch.full((n,), -float(torch.log(torch.tensor(float(n)))), dtype=self.full.dtype, device=self.full.device)
+            return torch.full((n,), -math.log(n), dtype=self.full.dtype, device=self.full.device)
         return self.logw - torch.logsumexp(self.logw, 0)
 
     def local_part(self, t: torch.Tensor) -> torch.Tensor:

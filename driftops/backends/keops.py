@@ -27,7 +27,9 @@ def keops_logits(
     x_i = LazyTensor(x[:, None, :])
     y_j = LazyTensor(y[None, :, :])
     d2 = x_i.sqdist(y_j)
-    s = (d2 if cost_power(cost) == 2 else d2.sqrt()) * (-1.0 / eps)
+    # -1/eps enters as a parameter tensor: one compiled formula for every temperature (a Python -1.0 would be folded).
+    scale = LazyTensor(torch.tensor([-1.0 / eps], dtype=x.dtype, device=x.device))
+    s = (d2 if cost_power(cost) == 2 else d2.sqrt()) * scale
     if logw is not None:
         s = s + LazyTensor(logw.reshape(1, -1, 1))
     if self_offset is not None:

@@ -1,0 +1,211 @@
+"""The block-sparse backend equals the dense reference to within its truncation tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from driftops.backends.dense import DenseBackend
+from driftops.backends.keops import KeOpsBackend
+from driftops.backends.sparse import SparseBackend
+from driftops.errors import DriftopsError
+
+DENSE = DenseBackend()
+
+
+def checkerboard(n: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """n points uniform on the black squares of a 4x4 checkerboard on [-2, 2]^2."""
+    u = torch.rand(4 * n, 2, generator=gen, dtype=torch.float64) * 4 - 2
+    black = ((u[:, 0] + 2).floor() + (u[:, 1] + 2).floor()) % 2 == 0
+    return u[black][:n].to(dtype).contiguous()
+
+
+def clouds(n: int, m: int, d: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = checkerboard(m, g, torch.float64) if d == 2 else torch.rand(m, d, generator=g, dtype=torch.float64) * 4 - 2
+    return x.to(dtype), y.to(dtype)
+
+
+def lse_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max over rows of |a - b| / max(1, |b|): the relative error of the row sums (|b| small) or of the log."""
+    return float(((a.double() - b) / b.abs().clamp_min(1)).abs().max())
+
+
+def mean_error(a: torch.Tensor, b: torch.Tensor, values: torch.Tensor) -> float:
+    """Max over rows of |a - b| relative to the largest |value|."""
+    return float((a.double() - b).abs().max() / values.double().abs().max())
+
+
+def reference(method: str, x, y, eps, cost, values=None, logw=None, self_offset=None) -> torch.Tensor:
+    """The dense reduction in float64 (so the float32 tolerance measures the sparse backend only)."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    if method == "lse":
+        return DENSE.lse(d(x), d(y), eps, cost, d(logw), self_offset)
+    return DENSE.weighted_mean(d(x), d(y), eps, cost, d(values), d(logw), self_offset)
+
+
+def both(backend, x, y, eps, cost, values, logw=None, self_offset=None):
+    return (
+        backend.lse(x, y, eps, cost, logw, self_offset),
+        backend.weighted_mean(x, y, eps, cost, values, logw, self_offset),
+    )
+
+
+def check(x, y, eps, cost="sqeuclidean", logw=None, self_offset=None, thr=20.0, tol=1e-5):
+    """Sparse vs the float64 dense reference: error below ``tol``, or (float32 logits of size ~100
+    carry ~1e-5 rounding) no more than twice the dense-lazy KeOps error in the same precision."""
+    values = torch.cat([y, torch.sin(3 * y[:, :1])], 1)
+    ref_lse = reference("lse", x, y, eps, cost, logw=logw, self_offset=self_offset)
+    ref_mean = reference("mean", x, y, eps, cost, values, logw, self_offset)
+    a_lse, a_mean = both(SparseBackend(thr), x, y, eps, cost, values, logw, self_offset)
+    assert a_lse.dtype == x.dtype and a_lse.shape == (x.shape[0],)
+    assert a_mean.dtype == x.dtype and a_mean.shape == (x.shape[0], values.shape[1])
+    e_lse, e_mean = lse_error(a_lse, ref_lse), mean_error(a_mean, ref_mean, values)
+    if e_lse >= tol or e_mean >= tol:
+        k_lse, k_mean = both(KeOpsBackend(), x, y, eps, cost, values, logw, self_offset)
+        tol_lse = max(tol, 2 * lse_error(k_lse, ref_lse))
+        tol_mean = max(tol, 2 * mean_error(k_mean, ref_mean, values))
+        assert e_lse < tol_lse and e_mean < tol_mean, (e_lse, tol_lse, e_mean, tol_mean)
+    return e_lse, e_mean
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-2, 1e-1, 0.7])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matches_dense_2d_float32(eps, weighted):
+    x, y = clouds(2500, 2000, 2, torch.float32, seed=1)
+    g = torch.Generator().manual_seed(2)
+    # Strongly varying column log-weights, like Sinkhorn's log b + g/eps.
+    logw = (torch.randn(2000, generator=g) * 30 + 10 * y[:, 0] / eps**0.5) if weighted else None
+    check(x, y, eps, logw=logw)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_matches_dense_float64(d):
+    x, y = clouds(2000, 1500, d, torch.float64, seed=d)
+    logw = torch.randn(1500, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 20
+    for eps in (1e-3, 1e-2, 0.3):
+        check(x, y, eps, logw=logw, thr=30.0, tol=1e-10)
+
+
+def test_euclidean_cost():
+    x, y = clouds(2000, 2000, 2, torch.float32, seed=4)
+    logw = torch.randn(2000, generator=torch.Generator().manual_seed(5)) * 10
+    for eps in (1e-3, 1e-2, 0.3):
+        check(x, y, eps, cost="euclidean", logw=logw)
+
+
+def test_self_mask_offset_zero_and_slice():
+    _, y = clouds(10, 3000, 2, torch.float32, seed=6)
+    for eps in (1e-3, 3e-2):
+        check(y, y, eps, self_offset=0)
+        check(y[1000:1800], y, eps, self_offset=1000)
+    # Isolated points: their own (masked) entry dominates every other by far; the rest must still be found.
+    lone = torch.cat([y[:500], torch.tensor([[10.0, 10.0], [-9.0, 7.0], [10.0, -10.0]])])
+    check(lone, lone, 1e-3, self_offset=0)
+
+
+def test_duplicated_points():
+    x, _ = clouds(1000, 10, 2, torch.float32, seed=7)
+    y = torch.cat([x, x, x[:300]])
+    check(x, y, 1e-2)
+    check(y, y, 1e-2, self_offset=0)
+    check(x, y, 1e-3, logw=torch.randn(y.shape[0], generator=torch.Generator().manual_seed(8)) * 20)
+
+
+def test_far_apart_clouds():
+    x, y = clouds(1500, 1500, 2, torch.float32, seed=9)
+    far = y + torch.tensor([100.0, -60.0])
+    check(x, far, 1e-2)
+    check(torch.cat([x, far]), torch.cat([x, far]), 1e-2, self_offset=0)
+
+
+def test_matches_keops():
+    x, y = clouds(3000, 3000, 2, torch.float32, seed=10)
+    logw = torch.randn(3000, generator=torch.Generator().manual_seed(11)) * 10
+    a_lse, a_mean = both(SparseBackend(), x, y, 1e-2, "sqeuclidean", y, logw)
+    b_lse, b_mean = both(KeOpsBackend(), x, y, 1e-2, "sqeuclidean", y, logw)
+    assert lse_error(a_lse, b_lse.double()) < 1e-5
+    assert mean_error(a_mean, b_mean.double(), y) < 1e-5
+
+
+def test_small_truncation_is_measurably_worse():
+    x, y = clouds(300, 3000, 2, torch.float32, seed=12)  # few rows: tiny row clusters are slow on a busy CPU
+    values = y
+    errors = {}
+    for thr in (2.0, 20.0):
+        # Small cells so the blocks hug the truncation radius (default cells are large at this size).
+        a = SparseBackend(thr, cell_size=0.06).weighted_mean(x, y, 1e-2, "sqeuclidean", values)
+        errors[thr] = mean_error(a, reference("mean", x, y, 1e-2, "sqeuclidean", values), values)
+    assert errors[20.0] < 1e-5
+    assert errors[2.0] > 100 * errors[20.0] and errors[2.0] > 1e-4, errors
+
+
+def test_keeps_few_blocks_and_one_per_row():
+    x, y = clouds(4000, 4000, 2, torch.float32, seed=13)
+    sb = SparseBackend(cell_size=0.03)  # the default cells hold >= 64 points: few, large clusters at this size
+    cx, cy, keep = sb.plan_blocks(x, y, 1e-3, "sqeuclidean")
+    blocks, pairs = sb.kept_fraction(cx, cy, keep)
+    assert keep.any(1).all()
+    assert 0 < pairs < 0.02 and blocks < 0.02, (blocks, pairs)
+    # Larger eps keeps more.
+    assert sb.kept_fraction(*sb.plan_blocks(x, y, 1.0, "sqeuclidean"))[1] > pairs
+
+
+def test_clustering_cache():
+    x, y = clouds(2000, 2000, 2, torch.float32, seed=14)
+    sb = SparseBackend()
+    c1 = sb.clustering(x, 1e-2, "sqeuclidean")
+    assert sb.clustering(x, 1e-2, "sqeuclidean") is c1
+    x.add_(1.0)  # in-place change bumps the version: the cloud is re-sorted
+    c2 = sb.clustering(x, 1e-2, "sqeuclidean")
+    assert c2 is not c1 and torch.equal(c2.points, x[c2.perm])
+    for k in range(3 * sb.cache_size):
+        sb.clustering(x + k, 1e-2, "sqeuclidean")
+    assert len(sb._cache) <= sb.cache_size
+    # Results after the in-place change are right.
+    check(x, y, 1e-2)
+
+
+def test_no_gradient_and_original_order():
+    x, y = clouds(1000, 1000, 2, torch.float32, seed=15)
+    x.requires_grad_(True)
+    out = SparseBackend().lse(x, y, 1e-2, "sqeuclidean")
+    assert not out.requires_grad
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(16))
+    again = SparseBackend().lse(x.detach()[perm], y, 1e-2, "sqeuclidean")
+    assert torch.allclose(again, out[perm], rtol=1e-6, atol=1e-5)
+
+
+def test_pays_off():
+    sb = SparseBackend()
+    big_x, big_y = clouds(12000, 6000, 2, torch.float32, seed=17)  # 7.2e7 pairs
+    assert sb.pays_off(big_x, big_y, 1e-3, "sqeuclidean")
+    assert not sb.pays_off(big_x, big_y, 10.0, "sqeuclidean")  # wide kernel: every block is kept
+    small_x, small_y = clouds(2000, 2000, 2, torch.float32)
+    assert not sb.pays_off(small_x, small_y, 1e-3, "sqeuclidean")  # too small to bother
+    assert not sb.pays_off(torch.randn(12000, 4), torch.randn(6000, 4), 1e-3, "sqeuclidean")
+
+
+def test_rejects_high_dimension():
+    x = torch.randn(100, 4)
+    with pytest.raises(DriftopsError, match="D <= 3"):
+        SparseBackend().lse(x, x, 0.1, "sqeuclidean")
+    with pytest.raises(DriftopsError, match="D <= 3"):
+        SparseBackend().weighted_mean(x, x, 0.1, "sqeuclidean", x)
+    with pytest.raises(DriftopsError):
+        SparseBackend(truncation=0)
+
+
+def test_inference_mode_tensors():
+    """Inference tensors have no version counter: the cache falls back to a checksum."""
+    x, y = clouds(1500, 1500, 2, torch.float32, seed=18)
+    sb = SparseBackend()
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+        first = sb.lse(xi, yi, 1e-2, "sqeuclidean")
+        xi.add_(0.5)
+        second = sb.lse(xi, yi, 1e-2, "sqeuclidean")
+    expected = reference("lse", x + 0.5, y, 1e-2, "sqeuclidean")
+    assert lse_error(second, expected) < 1e-5
+    assert lse_error(first, expected) > 1e-2
