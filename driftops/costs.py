@@ -33,7 +33,8 @@ def dense_cost(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
     """The full (N, M) cost matrix, computed without the matmul shortcut (exact to rounding)."""
     diff = x[:, None, :] - y[None, :, :]
     sq = (diff * diff).sum(-1)
-    return sq if cost_power(cost) == 2 else sq.clamp_min(0).sqrt()
+    # Clamping at the smallest normal number keeps the gradient of sqrt finite (zero) at coincident points.
+    return sq if cost_power(cost) == 2 else sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
 
 
 def diameter(*clouds: torch.Tensor) -> float:

@@ -1,0 +1,140 @@
+"""Drift evaluation speed: driftops (KeOps, lazy) beside a lean dense torch version, in one run.
+
+For N = M in 2D (Gaussian noise vs checkerboard), each plan: seconds, peak memory,
+pair evaluations per second and the dense/driftops ratio; the dense version is
+skipped (and reported) where its N x M matrices would not fit in memory. The
+Sinkhorn part reports the time driftops needs to reach the marginal tolerance
+beside the time of the usual fixed 20 alternating normalisations (dense) and
+their marginal error, and GeomLoss's gradient time.
+
+    python benchmarks/bench_drift.py                 # full table (about 15 minutes)
+    python benchmarks/bench_drift.py --quick         # small sizes, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import measure, print_table, save  # noqa: E402
+
+import driftops  # noqa: E402
+from driftops.data import sample_toy  # noqa: E402
+
+
+def clouds(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+    return x, sample_toy("checkerboard", n, seed=seed + 1)
+
+
+def dense_fits(n: int, copies: int = 4) -> bool:
+    """Whether ``copies`` float32 N x N matrices fit in half the physical memory."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return copies * n * n * 4 < ram / 2
+
+
+def dense_map(x, y, eps, plan, mask):
+    """Lean dense torch: cdist, (masked) softmax, matmul."""
+    s = torch.cdist(x, y).square_().div_(-eps)
+    if mask:
+        s.fill_diagonal_(-float("inf"))
+    if plan == "two_sided":
+        s -= 0.5 * torch.logsumexp(s, 0, keepdim=True)
+    return torch.softmax(s, 1) @ y
+
+
+def dense_sinkhorn20(x, y, eps):
+    """The fixed 20 alternating log-domain normalisations; returns (barycentric map, mean row error)."""
+    s = torch.cdist(x, y).square_().div_(-eps)
+    for _ in range(20):
+        s -= torch.logsumexp(s, 1, keepdim=True)
+        s -= torch.logsumexp(s, 0, keepdim=True)
+    row_error = float((torch.logsumexp(s, 1).exp() - 1).abs().mean())
+    return torch.softmax(s, 1) @ y, row_error
+
+
+def case_drift(n, plan, eps, impl):
+    def run():
+        x, y = clouds(n)
+        with torch.no_grad():
+            if impl == "dense":
+                dense_map(x, y, eps, plan, False) - dense_map(x, x, eps, plan, True)
+            else:
+                driftops.drift(x, y, eps, plan=plan, backend="keops")
+        return {}
+
+    return run
+
+
+def case_sinkhorn(n, eps, impl, tol):
+    def run():
+        x, y = clouds(n)
+        if impl == "dense-20":
+            (tx, err_xy), (tself, err_xx) = dense_sinkhorn20(x, y, eps), dense_sinkhorn20(x, x, eps)
+            return {"marginal_error": max(err_xy, err_xx), "iterations": 40}
+        if impl == "geomloss":
+            xr = x.clone().requires_grad_()
+            loss = driftops.sinkhorn_divergence(xr, y, eps, scaling=0.9, backend="online")
+            torch.autograd.grad(loss, xr)
+            return {}
+        _, info = driftops.drift(x, y, eps, plan="sinkhorn", backend=impl.split("-")[1], tol=tol, return_info=True)
+        return {"marginal_error": info.marginal_error, "iterations": info.iterations}
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 65536])
+    p.add_argument("--eps", type=float, default=0.1, help="temperature of the one/two-sided table")
+    p.add_argument("--sinkhorn-sizes", type=int, nargs="+", default=[8192])
+    p.add_argument("--sinkhorn-eps", type=float, nargs="+", default=[0.1, 0.01])
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--quick", action="store_true", help="sizes 1024 and 4096 only, Sinkhorn at 2048")
+    p.add_argument("--out", default="bench_drift")
+    args = p.parse_args()
+    if args.quick:
+        args.sizes, args.sinkhorn_sizes = [1024, 4096], [2048]
+    torch.manual_seed(0)
+    measure(case_drift(256, "two_sided", args.eps, "keops"))  # compile outside the timings
+
+    rows = []
+    for n in args.sizes:
+        for plan in ("one_sided", "two_sided"):
+            pairs = (2 if plan == "one_sided" else 4) * n * n  # pair evaluations: 2 or 4 reductions over N x N
+            row = {"N": n, "plan": plan}
+            k = measure(case_drift(n, plan, args.eps, "keops"))
+            row.update(keops_s=k.get("seconds"), keops_mib=k.get("peak_mib"), pairs_per_s=pairs / k["seconds"] if "seconds" in k else None)
+            if dense_fits(n):
+                d = measure(case_drift(n, plan, args.eps, "dense"))
+                row.update(dense_s=d.get("seconds"), dense_mib=d.get("peak_mib"), error=d.get("error"))
+                if "seconds" in d and "seconds" in k:
+                    row["speedup"] = d["seconds"] / k["seconds"]
+            else:
+                row["dense_s"] = f"cannot allocate ({4 * n * n * 4 / 2**30:.0f} GiB)"
+            rows.append(row)
+            print_table([row], list(row))
+    print()
+    print_table(rows, ["N", "plan", "keops_s", "keops_mib", "pairs_per_s", "dense_s", "dense_mib", "speedup"])
+
+    srows = []
+    for n in args.sinkhorn_sizes:
+        for eps in args.sinkhorn_eps:
+            for impl in ("driftops-auto", "driftops-keops", "dense-20", "geomloss"):
+                if impl == "dense-20" and not dense_fits(n):
+                    continue
+                r = measure(case_sinkhorn(n, eps, impl, args.tol))
+                srows.append({"N": n, "eps": eps, "impl": impl, **r})
+                print_table([srows[-1]], list(srows[-1]))
+    print()
+    print_table(srows, ["N", "eps", "impl", "seconds", "iterations", "marginal_error", "peak_mib", "error"])
+    save(args.out, rows + srows, vars(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Every lazy path against the dense torch backend and against independent dense formulas."""
+
+import pytest
+import torch
+
+import driftops
+from driftops.backends import DenseBackend, KeOpsBackend
+
+import reference
+
+SIZES = [(37, 23), (64, 97)]
+CASES = [  # (D, dtype): every D in float64, a spread in float32
+    (1, torch.float64), (2, torch.float64), (3, torch.float64), (16, torch.float64), (64, torch.float64),
+    (2, torch.float32), (16, torch.float32), (64, torch.float32),
+]
+TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def clouds(n, m, d, dtype, seed=0, shift=0.5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype) / d**0.5
+    y = torch.randn(m, d, generator=g, dtype=dtype) / d**0.5 * 0.7 + shift
+    return x, y
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn stopped")
+@pytest.mark.parametrize("d,dtype", CASES)
+@pytest.mark.parametrize("n,m", SIZES)
+@pytest.mark.parametrize("eps", [1e-3, 0.1, 10.0])
+@pytest.mark.parametrize("plan", ["one_sided", "two_sided", "sinkhorn"])
+def test_keops_equals_dense(plan, eps, n, m, d, dtype):
+    x, y = clouds(n, m, d, dtype)
+    # tol=0: both backends run exactly max_iter Sinkhorn iterations, so they compute the same thing.
+    kw = dict(eps=eps, plan=plan, tol=0.0, max_iter=200)
+    a = driftops.drift(x, y, backend="keops", **kw)
+    b = driftops.drift(x, y, backend="dense", **kw)
+    assert a.dtype == dtype and a.shape == (n, d)
+    assert torch.isfinite(a).all()
+    # Sinkhorn at tiny eps amplifies rounding through many iterations: allow a looser float32 bound there.
+    tol = TOL[dtype] * (100 if plan == "sinkhorn" and dtype == torch.float32 else 1)
+    assert rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("plan", ["one_sided", "two_sided", "sinkhorn"])
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("d", [1, 2, 16])
+def test_matches_independent_formulas(plan, cost, d):
+    x, y = clouds(50, 31, d, torch.float64, seed=1)
+    eps = 1.0
+    v = driftops.drift(x, y, eps, plan=plan, cost=cost, backend="keops", tol=1e-12, max_iter=100000)
+    ref = reference.drift(x, y, eps, plan, cost)
+    assert rel_err(v, ref) < 1e-8
+
+
+@pytest.mark.parametrize("plan", ["one_sided", "two_sided", "sinkhorn"])
+def test_barycentric_map_matches_formulas(plan):
+    x, y = clouds(40, 60, 2, torch.float64, seed=2)
+    t = driftops.barycentric_map(x, y, 0.3, plan=plan, backend="keops", tol=1e-12, max_iter=100000)
+    ref = {"one_sided": reference.one_sided_map, "two_sided": reference.two_sided_map, "sinkhorn": reference.sinkhorn_map}[plan](x, y, 0.3)
+    assert rel_err(t, ref) < 1e-8
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("plan", ["one_sided", "two_sided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_match_dense(plan, cost, dtype):
+    x, y = clouds(45, 30, 3, dtype, seed=3)
+    w = torch.randn(45, 3, dtype=dtype, generator=torch.Generator().manual_seed(9))
+    grads = []
+    for backend in ("keops", "dense"):
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        v = driftops.drift(xr, yr, 0.5, plan=plan, cost=cost, backend=backend)
+        grads.append(torch.autograd.grad((v * w).sum(), (xr, yr)))
+    for gk, gd in zip(*grads):
+        assert torch.isfinite(gk).all()
+        assert rel_err(gk, gd) < TOL[dtype] * 10
+
+
+@pytest.mark.parametrize("backend", [KeOpsBackend(), DenseBackend()])
+@pytest.mark.parametrize("offset", [None, 0, 7])
+def test_reductions_with_logweights_and_offsets(backend, offset):
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    x = y[offset or 0 :][:25]
+    logw = torch.randn(40, generator=g, dtype=torch.float64) * 5
+    s = -reference.cost(x, y, "sqeuclidean") / 0.05 + logw
+    if offset is not None:
+        s[torch.arange(25), torch.arange(25) + offset] = -float("inf")
+    assert torch.allclose(backend.lse(x, y, 0.05, "sqeuclidean", logw, offset), torch.logsumexp(s, 1), rtol=1e-12, atol=1e-10)
+    assert torch.allclose(backend.weighted_mean(x, y, 0.05, "sqeuclidean", y, logw, offset), torch.softmax(s, 1) @ y, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_joint_drift_matches_algorithm_2(dtype):
+    x, y = clouds(60, 45, 2, dtype, seed=5)
+    neg = clouds(33, 1, 2, dtype, seed=6)[0]
+    for y_neg, mask in ((None, True), (neg, False)):
+        v = driftops.joint_drift(x, y, y_neg, eps=0.3, backend="keops")
+        ref = reference.joint_drift(x, y, x if y_neg is None else y_neg, 0.3, mask=mask)
+        assert rel_err(v, ref) < TOL[dtype] * 10
+
+
+def test_joint_drift_weights_are_multiplicities():
+    x, y = clouds(30, 20, 2, torch.float64, seed=7)
+    w = torch.ones(20, dtype=torch.float64)
+    w[:5] = 3.0
+    y_rep = torch.cat([y, y[:5], y[:5]])
+    v = driftops.joint_drift(x, y, eps=0.3, pos_weights=w, backend="keops")
+    ref = reference.joint_drift(x, y_rep, x, 0.3)
+    assert rel_err(v, ref) < 1e-9
+
+
+def test_weights_are_multiplicities_for_drift():
+    x, y = clouds(30, 20, 2, torch.float64, seed=8)
+    w = torch.ones(20, dtype=torch.float64)
+    w[:4] = 2.0
+    for plan in ("one_sided", "two_sided", "sinkhorn"):
+        v = driftops.drift(x, y, 0.3, plan=plan, y_weights=w, backend="keops", tol=1e-12, max_iter=50000)
+        ref = driftops.drift(x, torch.cat([y, y[:4]]), 0.3, plan=plan, backend="keops", tol=1e-12, max_iter=50000)
+        assert rel_err(v, ref) < 1e-8
+
+
+def test_several_temperatures_are_normalised_and_summed():
+    x, y = clouds(40, 30, 2, torch.float64, seed=9)
+    total = driftops.drift(x, y, [0.05, 0.5], plan="two_sided", backend="keops")
+    parts = [driftops.drift(x, y, e, plan="two_sided", backend="keops") for e in (0.05, 0.5)]
+    expected = sum(p / p.pow(2).mean().sqrt() for p in parts)
+    assert rel_err(total, expected) < 1e-12
