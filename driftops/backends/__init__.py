@@ -13,17 +13,24 @@ from .dense import DenseBackend
 from .keops import KeOpsBackend
 from .sparse import SparseBackend
 
+# Largest N*M*(D+4) for which "auto" uses the dense backend (about 64 MiB of float32 temporaries).
+DENSE_MAX_ELEMENTS = 1 << 24
+
 
 class AutoBackend(Backend):
-    """KeOps, switching to the block-sparse path for large low-dimensional problems where it pays off."""
+    """Dense torch for tiny problems (no compile, no call overhead), the block-sparse path for large
+    low-dimensional problems where it pays off, KeOps otherwise."""
 
     name = "auto"
 
     def __init__(self) -> None:
+        self.dense = DenseBackend()
         self.keops = KeOpsBackend()
         self.sparse = SparseBackend()
 
     def pick(self, x, y, eps, cost) -> Backend:
+        if x.shape[0] * y.shape[0] * (x.shape[1] + 4) <= DENSE_MAX_ELEMENTS:
+            return self.dense
         return self.sparse if self.sparse.pays_off(x, y, eps, cost) else self.keops
 
     def lse(self, x, y, eps, cost, logw=None, self_offset=None):

@@ -1,0 +1,201 @@
+"""The ``driftops`` command: ``flow``, ``bench``, ``train`` and ``eval`` subcommands.
+
+Bad arguments print one line ``driftops <cmd>: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backends import BACKENDS
+from .costs import COSTS
+from .data import TOYS
+from .errors import DivergenceError, DriftopsError
+from .plans import PLANS
+
+BENCHMARKS = ("drift", "sparse", "flow")
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+# Default demo: Gaussian noise to the checkerboard (`driftops flow` without arguments).
+DEMO = {"n": 2000, "eps": 0.1, "steps": 20, "step_size": 1.0, "tol": 1e-2}
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(kind: type, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _positive(int, "integer")
+positive_float = _positive(float, "number")
+
+
+def _target_spec(text: str) -> str:
+    if text in TOYS or text == "digits" or text.endswith((".npy", ".npz")):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown target {text!r}; pass a toy ({', '.join(TOYS)}), 'digits' or a .npy/.npz path")
+
+
+def _add_flow(sub) -> None:
+    p = sub.add_parser(
+        "flow",
+        help="run a particle flow toward a target and save figures",
+        description="Flow source particles toward a target along the drift field and write config.json, "
+        "metrics.json, particles.npy, flow.png, trails.png, history.png and flow.gif into --out. "
+        "Without arguments: the checkerboard demo (2000 points, about 2 minutes on 2 busy CPU cores).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--target", type=_target_spec, default="checkerboard", help=f"toy ({', '.join(TOYS)}), 'digits' or a .npy/.npz file")
+    p.add_argument("--source", type=lambda s: s if s == "gaussian" else _target_spec(s), default="gaussian", help="'gaussian' (standard normal noise) or a target spec")
+    p.add_argument("--n", type=positive_int, default=DEMO["n"], help="number of particles and of target points")
+    p.add_argument("--plan", choices=PLANS, default="sinkhorn", help="transport plan of the drift")
+    p.add_argument("--eps", type=positive_float, default=DEMO["eps"], help="temperature")
+    p.add_argument("--steps", type=positive_int, default=DEMO["steps"], help="number of Euler steps")
+    p.add_argument("--step-size", type=positive_float, default=DEMO["step_size"], help="Euler step size")
+    p.add_argument("--cost", choices=COSTS, default="sqeuclidean")
+    p.add_argument("--backend", choices=list(BACKENDS), default="auto")
+    p.add_argument("--tol", type=positive_float, default=DEMO["tol"], help="Sinkhorn L1 marginal error at which to stop")
+    p.add_argument("--max-iter", type=positive_int, default=1000, help="Sinkhorn iteration limit per step")
+    p.add_argument("--snapshot-every", type=positive_int, default=None, help="steps between snapshots (default: about 50 snapshots)")
+    p.add_argument("--out", default="runs/flow", help="output folder")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of the source, the target and the metric subsets")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=run_flow)
+
+
+def run_flow(args: argparse.Namespace) -> int:
+    """Run ``driftops flow`` with parsed arguments; returns the exit status."""
+    from . import viz
+    from .data import load_target
+    from .flows import flow
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DriftopsError("--device cuda was asked but no CUDA device is available; pass --device cpu or auto")
+    dtype = getattr(torch, args.dtype)
+    y = load_target(args.target, args.n, seed=args.seed)[0].to(device=device, dtype=dtype)
+    if args.source == "gaussian":
+        x0 = torch.randn(args.n, y.shape[1], generator=torch.Generator().manual_seed(args.seed + 1)).to(device=device, dtype=dtype)
+    else:
+        x0 = load_target(args.source, args.n, seed=args.seed + 1)[0].to(device=device, dtype=dtype)
+    if x0.shape[1] != y.shape[1]:
+        raise DriftopsError(f"--source has dimension {x0.shape[1]} but --target has {y.shape[1]}; pass clouds of the same dimension")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k != "func"} | {"device": device, "version": __version__}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    start = time.perf_counter()
+    result = flow(
+        x0, y, steps=args.steps, step_size=args.step_size, eps=args.eps, plan=args.plan, cost=args.cost, backend=args.backend,
+        tol=args.tol, max_iter=args.max_iter, snapshot_every=args.snapshot_every, progress=args.progress, seed=args.seed,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    metrics = {"final_w2": result.history["w2"][-1], "initial_w2": result.history["w2"][0], "wall_time": wall, "steps": result.steps}
+    (out / "metrics.json").write_text(json.dumps(metrics | {"history": result.history}, indent=2) + "\n")
+    np.save(out / "particles.npy", result.x.cpu().numpy())
+    shown = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:20000].to(y.device)].cpu()
+    paths = [
+        viz.plot_snapshots(result, shown, out / "flow.png"),
+        viz.plot_trails(result, out / "trails.png", target=shown),
+        viz.plot_history(result, out / "history.png"),
+        viz.save_gif(result, out / "flow.gif", target=shown),
+    ]
+    print(f"W2^2 {metrics['initial_w2']:.4g} -> {metrics['final_w2']:.4g} in {result.steps} steps, {wall:.1f} s")
+    print("wrote " + ", ".join(str(p) for p in [out / "config.json", out / "metrics.json", out / "particles.npy", *paths]))
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark script of the repository's benchmarks/ folder",
+        description=f"Run benchmarks/bench_<name>.py of the driftops source checkout ({BENCH_DIR}); "
+        "arguments after the name (or after --) are passed to the script.",
+    )
+    p.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for the script (e.g. -- --quick)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run ``benchmarks/bench_<name>.py`` in a subprocess; returns its exit status."""
+    script = BENCH_DIR / f"bench_{args.name}.py"
+    if not script.is_file():
+        raise DriftopsError(
+            f"benchmark script {script} not found; `driftops bench` needs a source checkout of driftops "
+            "(clone the repository and install it with pip install -e .)"
+        )
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    return subprocess.call([sys.executable, str(script), *extra])
+
+
+def _add_training(sub) -> None:
+    """Register ``train`` and ``eval`` from driftops.train.commands (or stubs explaining why they are unavailable)."""
+    try:
+        from .train.commands import add_eval_arguments, add_train_arguments, run_eval, run_train
+    except Exception as err:  # the rest of the CLI must work even if the training code does not import
+        reason = f"{type(err).__name__}: {err}"
+        for name in ("train", "eval"):
+            p = sub.add_parser(name, help=f"(unavailable: {reason})", description=f"unavailable: driftops.train.commands failed to import ({reason})")
+            p.set_defaults(func=lambda args, reason=reason: _unavailable(reason))
+        return
+    for name, add, run, text in (("train", add_train_arguments, run_train, "train a generator"), ("eval", add_eval_arguments, run_eval, "evaluate a trained run")):
+        p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add(p)
+        p.set_defaults(func=run)
+
+
+def _unavailable(reason: str) -> int:
+    raise DriftopsError(f"this command is unavailable because driftops.train.commands failed to import ({reason}); fix or reinstall driftops")
+
+
+def build_parser() -> Parser:
+    """The ``driftops`` argument parser with all subcommands."""
+    parser = Parser(prog="driftops", description="Drift fields, Sinkhorn flows and generator training for point clouds.")
+    parser.add_argument("--version", action="version", version=f"driftops {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{flow,train,eval,bench}", parser_class=Parser)
+    _add_flow(sub)
+    _add_training(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``driftops`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = args.func(args)
+    except DivergenceError as err:
+        print(f"driftops {args.command}: diverged: {err}", file=sys.stderr)
+        return 1
+    except DriftopsError as err:
+        print(f"driftops {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) else 0

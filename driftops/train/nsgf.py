@@ -1,0 +1,70 @@
+"""Neural Sinkhorn Gradient Flow (Zhu et al., NSGF): velocity matching on a Sinkhorn particle flow.
+
+The pool: ``batch`` particles x_0 ~ N(0, I) flow to ``target_batch`` target points by ``flow_steps``
+steps ``x_{k+1} = x_k + step_size * V(x_k)`` (:func:`driftops.drift`, warm-started). It stores
+``(x_k, t_k = k/K, v_k = K * step_size * V(x_k))``, so that Euler steps of size 1/K with v
+reproduce the flow on t in [0, 1]. A :class:`~driftops.models.VelocityField` regresses v by MSE;
+sampling integrates it with ``sample_steps`` Euler steps (default ``flow_steps``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DriftopsError
+from ..models import VelocityField
+from .common import Method, Run, drift_flow
+
+
+class NSGF(Method):
+    """Velocity matching on a trajectory pool built at the first round and kept in the checkpoint."""
+
+    name = "nsgf"
+
+    def __init__(self, cfg, target) -> None:
+        super().__init__(cfg, target)
+        if cfg.conditional:
+            raise DriftopsError("nsgf has no class-conditional velocity field; drop --conditional or use --method drifting")
+        self.pool: dict[str, torch.Tensor] | None = None
+
+    def build_model(self) -> nn.Module:
+        return VelocityField(self.target.dim, self.cfg.hidden, self.cfg.blocks)
+
+    def build_pool(self, rng: torch.Generator) -> None:
+        """Run the Sinkhorn particle flow and store its (x, t, v) triples, each (flow_steps * batch, ...)."""
+        cfg = self.cfg
+        x0 = self.noise(cfg.batch, self.target.dim, rng)
+        y = self.target.sample(cfg.target_batch or cfg.batch, rng)
+        k_total = cfg.flow_steps
+        xs, ts, vs = [], [], []
+
+        def record(k: int, x: torch.Tensor, v: torch.Tensor) -> None:
+            xs.append(x)
+            ts.append(torch.full((len(x),), k / k_total, dtype=x.dtype, device=x.device))
+            vs.append(k_total * cfg.step_size * v)
+
+        drift_flow(x0, y, cfg, k_total, record)
+        self.pool = {"x": torch.cat(xs), "t": torch.cat(ts), "v": torch.cat(vs)}
+
+    def round(self, run: Run) -> dict[str, float]:
+        if self.pool is None:
+            self.build_pool(run.rng)
+        idx = torch.randint(len(self.pool["x"]), (self.cfg.fit_batch,), generator=run.rng).to(self.cfg.device)
+        loss = F.mse_loss(run.model(self.pool["x"][idx], self.pool["t"][idx]), self.pool["v"][idx])
+        run.optimise(loss)
+        return {"loss": float(loss.detach())}
+
+    def sample(self, model: nn.Module, n: int, labels: torch.Tensor | None, rng: torch.Generator) -> torch.Tensor:
+        steps = self.cfg.sample_steps or self.cfg.flow_steps
+        x = self.noise(n, self.target.dim, rng)
+        for i in range(steps):
+            x = x + model(x, i / steps) / steps
+        return x
+
+    def state_dict(self) -> dict:
+        return {"pool": self.pool}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pool = state["pool"]

@@ -1,0 +1,188 @@
+"""Figures of particle flows (matplotlib, Agg backend; every function saves a file and returns its path).
+
+Panels use equal aspect and fixed limits taken from the target (or from the snapshots when no
+target is given), small translucent markers, and titles with the step and the W2^2 estimate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
+
+from .errors import DriftopsError  # noqa: E402
+from .flows import FlowResult  # noqa: E402
+
+TARGET_STYLE = {"s": 2, "c": "0.7", "alpha": 0.5, "linewidths": 0, "rasterized": True}
+PARTICLE_COLOR = "tab:blue"
+
+
+def _np(points) -> np.ndarray:
+    """(n, 2) numpy array of the first two coordinates."""
+    arr = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise DriftopsError(f"points to plot must have shape (n, D) with D >= 2, got {arr.shape}")
+    return arr[:, :2]
+
+
+def _limits(ref: np.ndarray, margin: float = 0.08) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Square axis limits around the 0.5%-99.5% quantile box of ``ref`` (n, 2)."""
+    lo, hi = np.quantile(ref, 0.005, axis=0), np.quantile(ref, 0.995, axis=0)
+    centre, half = (lo + hi) / 2, (hi - lo).max() / 2 * (1 + 2 * margin) + 1e-9
+    return (centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half)
+
+
+def _marker_size(n: int) -> float:
+    return float(np.clip(2e3 / max(n, 1), 0.05, 4.0))
+
+
+def _setup_axes(ax, lims) -> None:
+    ax.set_xlim(*lims[0])
+    ax.set_ylim(*lims[1])
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _w2_at(result: FlowResult, step: int) -> float | None:
+    hist = result.history
+    return hist["w2"][hist["metric_step"].index(step)] if step in hist.get("metric_step", []) else None
+
+
+def _title(result: FlowResult, step: int) -> str:
+    w2 = _w2_at(result, step)
+    return f"step {step}" + (f"  W2²={w2:.3g}" if w2 is not None else "")
+
+
+def _check_result(result: FlowResult) -> None:
+    if not isinstance(result, FlowResult) or not result.snapshots:
+        raise DriftopsError("pass the FlowResult returned by driftops.flow (with at least one snapshot)")
+
+
+def _reference(result: FlowResult, target) -> tuple[np.ndarray | None, np.ndarray]:
+    """Target points (or None) and the points that fix the axis limits."""
+    tgt = None if target is None else _np(target)
+    return tgt, tgt if tgt is not None else np.concatenate([_np(s) for _, s in result.snapshots])
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _pick(snapshots: list, count: int) -> list:
+    """``count`` snapshots evenly spread over the flow, first and last included."""
+    idx = np.unique(np.linspace(0, len(snapshots) - 1, min(count, len(snapshots))).round().astype(int))
+    return [snapshots[i] for i in idx]
+
+
+def plot_snapshots(result: FlowResult, target=None, path="flow.png", panels: int = 6) -> Path:
+    """One row of ``panels`` snapshots (first to last) over the target in light grey; returns the path."""
+    _check_result(result)
+    tgt, ref = _reference(result, target)
+    lims = _limits(ref)
+    chosen = _pick(result.snapshots, panels)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(2.6 * len(chosen), 2.9), squeeze=False)
+    for ax, (step, pts) in zip(axes[0], chosen):
+        if tgt is not None:
+            ax.scatter(tgt[:, 0], tgt[:, 1], **TARGET_STYLE)
+        p = _np(pts)
+        ax.scatter(p[:, 0], p[:, 1], s=_marker_size(len(p)), c=PARTICLE_COLOR, alpha=0.5, linewidths=0, rasterized=True)
+        _setup_axes(ax, lims)
+        ax.set_title(_title(result, step), fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_trails(result: FlowResult, path="trails.png", n_trails: int = 300, target=None, seed: int = 0) -> Path:
+    """Trajectories of ``n_trails`` random particles through the snapshots (start dots grey, end dots red)."""
+    _check_result(result)
+    stack = np.stack([_np(s) for _, s in result.snapshots])  # (T, n, 2)
+    pick = np.random.default_rng(seed).choice(stack.shape[1], min(n_trails, stack.shape[1]), replace=False)
+    trails = stack[:, pick]
+    tgt, ref = _reference(result, target)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    if tgt is not None:
+        ax.scatter(tgt[:, 0], tgt[:, 1], **TARGET_STYLE)
+    ax.plot(trails[:, :, 0], trails[:, :, 1], color=PARTICLE_COLOR, alpha=0.35, linewidth=0.6)
+    ax.scatter(trails[0, :, 0], trails[0, :, 1], s=5, c="0.4", linewidths=0, label="start")
+    ax.scatter(trails[-1, :, 0], trails[-1, :, 1], s=5, c="tab:red", linewidths=0, label="end")
+    _setup_axes(ax, _limits(np.concatenate([ref, trails[0]])))
+    ax.legend(loc="upper right", fontsize=8, markerscale=2)
+    ax.set_title(f"{len(pick)} trajectories over {result.snapshots[-1][0]} steps", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_history(result: FlowResult, path="history.png") -> Path:
+    """W2^2 to the target (log scale) and mean drift norm (log scale) against the step."""
+    _check_result(result)
+    hist = result.history
+    fig, (ax_w, ax_v) = plt.subplots(1, 2, figsize=(9, 3.4))
+    if hist["w2"]:
+        ax_w.plot(hist["metric_step"], hist["w2"], "o-", ms=3)
+        ax_w.set_yscale("log")
+    ax_w.set(xlabel="step", ylabel="W2² to target", title="W2² (subset estimate)")
+    if hist["drift_norm"]:
+        ax_v.plot(hist["step"], hist["drift_norm"], color="tab:orange")
+        ax_v.set_yscale("log")
+    ax_v.set(xlabel="step", ylabel="mean |V|", title="drift norm")
+    for ax in (ax_w, ax_v):
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_gif(result: FlowResult, path="flow.gif", target=None, fps: int = 10, max_points: int = 5000) -> Path:
+    """Animated GIF with one frame per snapshot (at most ``max_points`` particles drawn)."""
+    _check_result(result)
+    tgt, ref = _reference(result, target)
+    frames = [(step, _np(pts)[:max_points]) for step, pts in result.snapshots]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if tgt is not None:
+        ax.scatter(tgt[:, 0], tgt[:, 1], **TARGET_STYLE)
+    dots = ax.scatter(frames[0][1][:, 0], frames[0][1][:, 1], s=_marker_size(len(frames[0][1])), c=PARTICLE_COLOR, alpha=0.5, linewidths=0)
+    _setup_axes(ax, _limits(ref))
+    title = ax.set_title(_title(result, frames[0][0]), fontsize=10)
+
+    def draw(i: int):
+        dots.set_offsets(frames[i][1])
+        title.set_text(_title(result, frames[i][0]))
+        return dots, title
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FuncAnimation(fig, draw, frames=len(frames), blit=False).save(path, writer=PillowWriter(fps=fps), dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_compare(results: dict[str, FlowResult], target, path="compare.png") -> Path:
+    """Final particles of several flows side by side (one panel per name) over the target."""
+    if not results:
+        raise DriftopsError("results is empty; pass a dict {name: FlowResult}")
+    for r in results.values():
+        _check_result(r)
+    tgt = _np(target)
+    lims = _limits(tgt)
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(3 * (len(results) + 1), 3.3), squeeze=False)
+    axes[0, 0].scatter(tgt[:, 0], tgt[:, 1], s=_marker_size(len(tgt)), c="0.3", alpha=0.5, linewidths=0, rasterized=True)
+    axes[0, 0].set_title("target", fontsize=10)
+    _setup_axes(axes[0, 0], lims)
+    for ax, (name, r) in zip(axes[0, 1:], results.items()):
+        step, pts = r.snapshots[-1]
+        p = _np(pts)
+        ax.scatter(tgt[:, 0], tgt[:, 1], **TARGET_STYLE)
+        ax.scatter(p[:, 0], p[:, 1], s=_marker_size(len(p)), c=PARTICLE_COLOR, alpha=0.5, linewidths=0, rasterized=True)
+        _setup_axes(ax, lims)
+        ax.set_title(f"{name}\n{_title(r, step)}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

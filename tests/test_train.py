@@ -1,0 +1,170 @@
+"""Trainers: they learn, flow-then-fit is the drifting loss, checkpoints are atomic, resume is exact, commands run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import driftops
+from driftops.errors import DriftopsError
+from driftops.train import METHODS, Drifting, Run, TrainConfig, load_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(out: Path, **overrides) -> TrainConfig:
+    """A CPU-cheap configuration on 8-Gaussians (small MLP, dense backend, one thread)."""
+    base = dict(
+        target="8gaussians", out=str(out), batch=128, hidden=32, blocks=2, noise_dim=4, lr=3e-3, eps=[1.0],
+        backend="dense", sinkhorn_iters=50, eval_points=300, checkpoint_every=50, progress=False, threads=1,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    "method, plan, extra",
+    [
+        ("drifting", "one_sided", {}),
+        ("drifting", "sinkhorn", {"minibatch": 64, "steps": 100}),
+        ("sinkhorn_loss", "sinkhorn", {"steps": 100}),
+        ("nsgf", "sinkhorn", {"flow_steps": 10, "step_size": 1.0}),
+    ],
+)
+def test_trainer_reduces_w2(tmp_path, method, plan, extra):
+    cfg = tiny(tmp_path / "run", method=method, plan=plan, **{"steps": 150, **extra})
+    run = Run(cfg, METHODS[method])
+    before = run.evaluate_w2()
+    run.train()
+    after = run.evaluate_w2()
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("plan", ["one_sided", "sinkhorn"])
+def test_one_flow_step_fit_is_the_drifting_loss(tmp_path, plan):
+    """batch == minibatch, one drift step of size 1: the round's gradient is that of MSE(x, stopgrad(x + V))."""
+    cfg = tiny(tmp_path / "run", plan=plan, dtype="float64", batch=64, sinkhorn_tol=1e-9, sinkhorn_iters=200)
+    run = Run(cfg, Drifting)
+    params = list(run.model.parameters())
+    state = run.rng.get_state()
+    seen = []
+
+    def capture(loss):
+        run.model.zero_grad()
+        loss.backward()
+        seen.append([p.grad.clone() for p in params])
+        run.step += 1
+
+    run.optimise = capture
+    run.method.round(run)
+    run.rng.set_state(state)
+    z, labels, positives = run.method.draw(run.rng)
+    x = run.model(z, labels)
+    v = driftops.drift(x.detach(), positives[None], cfg.eps, plan, backend="dense", tol=1e-9, max_iter=200)
+    run.model.zero_grad()
+    F.mse_loss(x, (x + v).detach()).backward()
+    assert len(seen) == 1
+    for got, p in zip(seen[0], params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-9, atol=1e-12)
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path / "run", plan="one_sided", steps=4, checkpoint_every=2)
+    run = Run(cfg, Drifting)
+    run.train()
+    assert _temp_files(run.dir) == []
+    good = (run.dir / "checkpoint.pt").read_bytes()
+
+    def crash(obj, fh, *args, **kwargs):
+        fh.write(b"half a checkpoint")
+        raise OSError("disk full (simulated)")
+
+    run.step = 99
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="simulated"):
+        run.save()
+    monkeypatch.undo()
+    assert (run.dir / "checkpoint.pt").read_bytes() == good
+    assert load_checkpoint(run.dir)["step"] == 4
+    assert _temp_files(run.dir) == []
+
+
+@pytest.mark.parametrize("method, extra", [("drifting", {"batch": 64, "minibatch": 32}), ("nsgf", {"flow_steps": 5})])
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, method, extra):
+    common = dict(method=method, plan="sinkhorn", steps=12, checkpoint_every=4, log_every=1, **extra)
+    train(tiny(tmp_path / "straight", **common))
+    method_cls = METHODS[method]
+    original = method_cls.round
+    calls = []
+
+    def crashing_round(self, run):
+        calls.append(run.step)
+        if run.step >= 10:
+            raise KeyboardInterrupt  # killed between checkpoints (the last one is at step 8)
+        return original(self, run)
+
+    monkeypatch.setattr(method_cls, "round", crashing_round)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "resumed", **common))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "resumed")["step"] == 8
+    with pytest.raises(DriftopsError, match="resume"):
+        train(tiny(tmp_path / "resumed", **common))
+    train(tiny(tmp_path / "resumed", **common), resume=True)
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 12
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    log_a, log_b = ((p / "metrics.jsonl").read_text() for p in (tmp_path / "straight", tmp_path / "resumed"))
+    assert log_a == log_b
+
+
+def test_conditional_digits_training_and_eval(tmp_path):
+    from driftops.train.commands import evaluate
+
+    cfg = tiny(tmp_path / "run", target="digits", latent_dim=8, conditional=True, plan="one_sided", steps=10, batch=100, target_batch=500, eps=[2.0])
+    train(cfg)
+    result = evaluate(cfg.out, n=300)
+    assert 0 <= result["accuracy"] <= 1 and 0 <= result["coverage"] <= 1
+    assert set(result["w2_per_class"]) == {str(k) for k in range(10)}
+    assert (Path(cfg.out) / "digits.png").is_file()
+
+
+def test_bad_configurations_raise(tmp_path):
+    with pytest.raises(DriftopsError, match="conditional"):
+        Run(tiny(tmp_path / "a", conditional=True), Drifting)
+    with pytest.raises(DriftopsError, match="multiple of minibatch"):
+        tiny(tmp_path / "b", batch=100, minibatch=30)
+    with pytest.raises(DriftopsError, match="one eps"):
+        train(tiny(tmp_path / "c", method="sinkhorn_loss", eps=[0.1, 1.0]))
+    with pytest.raises(DriftopsError, match="unknown target"):
+        Run(tiny(tmp_path / "d", target="nonsense"), Drifting)
+
+
+def test_train_and_eval_commands(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    train_cmd = [
+        sys.executable, "-m", "driftops", "train", "--method", "drifting", "--target", "checkerboard", "--plan", "two_sided",
+        "--eps", "0.5", "1.0", "--steps", "6", "--batch", "64", "--hidden", "16", "--blocks", "1", "--backend", "dense",
+        "--eval-every", "3", "--eval-points", "200", "--threads", "1", "--out", str(out), "--no-progress",
+    ]
+    subprocess.run(train_cmd, check=True, cwd=tmp_path, env=env, capture_output=True)
+    assert json.loads((out / "config.json").read_text())["eps"] == [0.5, 1.0]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+    subprocess.run([sys.executable, "-m", "driftops", "eval", str(out), "--n", "200"], check=True, cwd=tmp_path, env=env, capture_output=True)
+    result = json.loads((out / "eval.json").read_text())
+    assert result["w2"] > 0 and result["w2_exact"]
+    for name in ("samples.png", "curves.png"):
+        assert (out / name).is_file()

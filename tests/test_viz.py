@@ -1,0 +1,52 @@
+"""Figures of flows: files written, non-empty, with the expected pixel sizes and frame counts."""
+
+import pytest
+import torch
+from PIL import Image
+
+import driftops
+from driftops import viz
+from driftops.data import sample_toy
+
+
+@pytest.fixture(scope="module")
+def flows():
+    y = sample_toy("moons", 150, seed=1, dtype=torch.float64)
+    x0 = torch.randn(150, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kw = dict(steps=4, eps=0.5, backend="dense", tol=1e-2, progress=False, snapshot_every=1)
+    return y, {p: driftops.flow(x0, y, plan=p, **kw) for p in ("one_sided", "sinkhorn")}
+
+
+def test_figures(tmp_path, flows):
+    y, res = flows
+    r = res["sinkhorn"]
+    sizes = {}
+    for path in (
+        viz.plot_snapshots(r, y, tmp_path / "a" / "flow.png", panels=4),
+        viz.plot_trails(r, tmp_path / "trails.png", n_trails=50, target=y),
+        viz.plot_history(r, tmp_path / "history.png"),
+        viz.plot_compare(res, y, tmp_path / "compare.png"),
+    ):
+        assert path.is_file() and path.stat().st_size > 5000
+        with Image.open(path) as im:
+            assert im.format == "PNG"
+            sizes[path.name] = im.size
+    w, h = sizes["flow.png"]
+    assert w > 3 * h  # one row of 4 square panels
+    assert sizes["compare.png"][0] > 2 * sizes["compare.png"][1]
+    assert abs(sizes["trails.png"][0] - sizes["trails.png"][1]) < 0.2 * sizes["trails.png"][0]
+
+
+def test_gif(tmp_path, flows):
+    y, res = flows
+    path = viz.save_gif(res["sinkhorn"], tmp_path / "flow.gif", target=y)
+    with Image.open(path) as im:
+        assert im.format == "GIF" and im.n_frames == len(res["sinkhorn"].snapshots) == 5
+        assert im.size[0] > 200 and im.size[1] > 200
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(driftops.DriftopsError, match="FlowResult"):
+        viz.plot_history(None, tmp_path / "x.png")
+    with pytest.raises(driftops.DriftopsError, match="results is empty"):
+        viz.plot_compare({}, torch.zeros(3, 2), tmp_path / "x.png")
