@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--sinkhorn-sizes", type=int, nargs="+", default=[8192])
     p.add_argument("--sinkhorn-eps", type=float, nargs="+", default=[0.1, 0.01])
     p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--sinkhorn-impls", nargs="+", default=["driftops-auto", "driftops-keops", "dense-20", "geomloss"])
     p.add_argument("--quick", action="store_true", help="sizes 1024 and 4096 only, Sinkhorn at 2048")
     p.add_argument("--out", default="bench_drift")
     args = p.parse_args()
@@ -125,7 +126,7 @@ def main() -> None:
     srows = []
     for n in args.sinkhorn_sizes:
         for eps in args.sinkhorn_eps:
-            for impl in ("driftops-auto", "driftops-keops", "dense-20", "geomloss"):
+            for impl in args.sinkhorn_impls:
                 if impl == "dense-20" and not dense_fits(n):
                     continue
                 r = measure(case_sinkhorn(n, eps, impl, args.tol))
