@@ -7,6 +7,7 @@ import torch
 
 from driftops.backends.dense import DenseBackend
 from driftops.backends.keops import KeOpsBackend
+from driftops.backends import sparse
 from driftops.backends.sparse import SparseBackend
 from driftops.errors import DriftopsError
 
@@ -146,7 +147,7 @@ def test_keeps_few_blocks_and_one_per_row():
     sb = SparseBackend(cell_size=0.03)  # the default cells hold >= 64 points: few, large clusters at this size
     cx, cy, keep = sb.plan_blocks(x, y, 1e-3, "sqeuclidean")
     blocks, pairs = sb.kept_fraction(cx, cy, keep)
-    assert keep.any(1).all()
+    assert (keep.per_row() > 0).all()
     assert 0 < pairs < 0.02 and blocks < 0.02, (blocks, pairs)
     # Larger eps keeps more.
     assert sb.kept_fraction(*sb.plan_blocks(x, y, 1.0, "sqeuclidean"))[1] > pairs
@@ -209,3 +210,23 @@ def test_inference_mode_tensors():
     expected = reference("lse", x + 0.5, y, 1e-2, "sqeuclidean")
     assert lse_error(second, expected) < 1e-5
     assert lse_error(first, expected) > 1e-2
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kdtree_candidates_match_dense_mask(monkeypatch, weighted):
+    """The k-d tree path (used above 2^20 cluster pairs) keeps a superset of the dense rule's blocks
+    (its lower bound is a max over a subset), few more, and stays accurate, with and without self mask."""
+    x, y = clouds(6000, 5000, 2, torch.float32, seed=19)
+    logw = torch.randn(5000, generator=torch.Generator().manual_seed(20)) * 3 + y[:, 0] if weighted else None
+    for a, b, lw, off in ((x, y, logw, None), (x, x, None, 0)):
+        sb = SparseBackend(cell_size=0.05)
+        cx, cy = sb.clustering(a, 1e-2, "sqeuclidean", "rows"), sb.clustering(b, 1e-2, "sqeuclidean", "cols")
+        lws = None if lw is None else lw[cy.perm]
+        dense = sparse._keep_mask(cx, cy, 1e-2, "sqeuclidean", 20.0, lws, off is not None)
+        monkeypatch.setattr(sparse, "DENSE_MASK_PAIRS", 0)
+        tree = sparse._keep_blocks(cx, cy, 1e-2, "sqeuclidean", 20.0, lws, off is not None)
+        assert tree.i.numel() < 0.25 * dense.numel()  # the tree path was taken, not the fallback
+        t = tree.dense()
+        assert bool(t[dense].all()) and t.sum() <= 1.05 * dense.sum(), (int(t.sum()), int(dense.sum()))
+        check(a, b, 1e-2, logw=lw, self_offset=off, thr=20.0)
+        monkeypatch.setattr(sparse, "DENSE_MASK_PAIRS", 1 << 20)

@@ -12,6 +12,9 @@ contiguous *cluster* (KeOps block-sparse ``ranges``). For a row cluster I and a 
 Block (I, J) is kept iff ``U_IJ >= B_I - truncation``: every dropped entry weighs less than
 ``exp(-truncation)`` times an entry kept in its row, whatever the column log-weights (Sinkhorn's
 strongly varying ``log b + g/eps`` included), and every row keeps the block of its ``B_I``.
+Above 2^20 cluster pairs the rule is not evaluated on all K_I * K_J pairs: a lower bound from the
+4 nearest representatives limits the distance of any kept pair, and a k-d tree (scipy) lists the
+candidate pairs within it (see :func:`_keep_blocks`); the kept pairs are the same or a few more.
 Kept blocks are reduced exactly by KeOps, so a row sum has relative error at most
 ``(number of dropped entries) * exp(-truncation)``, and far less in practice (measured ~1e-7
 at truncation 20, see ``benchmarks/bench_sparse.py``).
@@ -35,19 +38,23 @@ from ..errors import DriftopsError
 from .base import Backend
 from .keops import keops_logits
 
-# Cell-size rule (measured on 2D Gaussian vs checkerboard, 65k and 1M points, see benchmarks/bench_sparse.py):
-# cells of side truncation_radius / CELLS_PER_RADIUS, grown by CELL_GROWTH until a cluster holds
-# MIN_MEAN_POINTS points on average and a cloud has at most MAX_CLUSTERS clusters. Smaller cells keep fewer
-# pairs, but KeOps opens one OpenMP region per ROW cluster (slow for tiny clusters on a busy CPU), while
-# consecutive kept COLUMN clusters are merged into one range (cheap): rows get larger cells than columns.
-# The cluster-pair bookkeeping is O(K_I * K_J) per reduction.
-CELLS_PER_RADIUS = {"rows": 4.0, "cols": 6.0}
-MIN_MEAN_POINTS = {"rows": 64, "cols": 16}
+# Cell-size rule (measured on 2D Gaussian vs checkerboard, 65k and 1M points, see benchmarks/bench_sparse.py
+# and benchmarks/bench_flow.py): cells of side truncation_radius / CELLS_PER_RADIUS, grown by CELL_GROWTH until a
+# cluster holds MIN_MEAN_POINTS points on average and a cloud has at most MAX_CLUSTERS clusters. Smaller cells keep
+# fewer pairs (at 1M points, self term, thr 20: 9.7% with R/4-R/6 cells capped at 4096 clusters, 6.4% with
+# R/8-R/12 cells; ideal 5.0%), but the keep mask costs O(K_I * K_J) per reduction (~80 ns per cluster pair):
+# with >= 64 points per cluster on both sides, K_I * K_J <= N * M / 4096, i.e. the mask costs ~10% of the
+# kept pairs' reduction. KeOps opens one OpenMP region per ROW cluster (~10 us); consecutive kept COLUMN
+# clusters are merged into one range.
+CELLS_PER_RADIUS = {"rows": 8.0, "cols": 8.0}
+MIN_MEAN_POINTS = {"rows": 64, "cols": 64}
 CELL_GROWTH = 1.25
-MAX_CLUSTERS = 4096
+MAX_CLUSTERS = 1 << 15
 # pays_off: a problem this large (N * M pairs) whose estimated kept fraction is below KEPT_FRACTION.
 MIN_PAIRS = 5e7
 KEPT_FRACTION = 0.3
+# Below this many cluster pairs the keep mask is computed densely (no k-d tree).
+DENSE_MASK_PAIRS = 1 << 20
 # Number of cluster pairs whose bounds are evaluated at once (bounds the memory of the keep mask).
 PAIR_CHUNK = 1 << 22
 
@@ -169,21 +176,148 @@ def _keep_mask(
     return keep
 
 
-def _runs(ranges_j: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Blocks:
+    """Kept cluster pairs (I, J), sorted by I then J: ``i``, ``j`` (P,) int64; ``shape`` = (K_I, K_J)."""
+
+    i: torch.Tensor
+    j: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_mask(cls, keep: torch.Tensor) -> "Blocks":
+        i, j = keep.nonzero(as_tuple=True)
+        return cls(i, j, tuple(keep.shape))
+
+    def dense(self) -> torch.Tensor:
+        """The (K_I, K_J) boolean mask (small problems and tests only)."""
+        keep = torch.zeros(self.shape, dtype=torch.bool, device=self.i.device)
+        keep[self.i, self.j] = True
+        return keep
+
+    def per_row(self) -> torch.Tensor:
+        """(K_I,) number of kept column clusters of each row cluster."""
+        return torch.bincount(self.i, minlength=self.shape[0])
+
+
+def _group_best(group: torch.Tensor, values: torch.Tensor, n: int, second: bool) -> torch.Tensor:
+    """(n,) largest (``second``: second largest, -inf if none) of ``values`` in each group."""
+    out = values.new_full((n,), -math.inf)
+    if not second:
+        return out.scatter_reduce(0, group, values, "amax")
+    order = torch.sort(values, descending=True, stable=True).indices
+    order = order[torch.sort(group[order], stable=True).indices]
+    counts = torch.bincount(group, minlength=n)
+    first = torch.cumsum(counts, 0) - counts
+    has2 = counts >= 2
+    out[has2] = values[order[first[has2] + 1]]
+    return out
+
+
+def _pair_bounds(cx, cy, ii, jj, eps, p, lmax, lrep, rep) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper bound ``U_IJ`` and reached lower bound ``b_IJ`` (module docstring) of the pairs (ii, jj)."""
+    dmin2 = dfar2 = 0.0
+    for d in range(cx.lo.shape[1]):
+        lo, hi = cx.lo[ii, d], cx.hi[ii, d]
+        gap = torch.maximum(cy.lo[jj, d] - hi, lo - cy.hi[jj, d]).clamp_min_(0.0)
+        r = rep[jj, d]
+        far = torch.maximum((r - lo).abs_(), (hi - r).abs_())
+        dmin2, dfar2 = gap.mul_(gap) + dmin2, far.mul_(far) + dfar2
+    cmin, cfar = (dmin2, dfar2) if p == 2 else (dmin2.sqrt(), dfar2.sqrt())
+    return lmax[jj] - cmin / eps, lrep[jj] - cfar / eps
+
+
+def _keep_blocks(
+    cx: Clustering,
+    cy: Clustering,
+    eps: float,
+    cost: str,
+    truncation: float,
+    logw: torch.Tensor | None,
+    self_mask: bool,
+) -> Blocks:
+    """The kept cluster pairs, without the O(K_I * K_J) mask when the kernel is local.
+
+    1. ``B0_I``: the rule's lower bound over the 4 column clusters whose representatives are nearest
+       to I's box centre (a lower bound over a subset is still reached by a real entry of every row).
+    2. No pair farther apart than ``rho_I`` can be kept, with ``c(rho_I)/eps = max_J Lmax_J - B0_I +
+       truncation``: candidate pairs come from a k-d tree ball query on box centres (radius
+       ``rho_I`` + both half-diagonals).
+    3. On the candidates: ``B_I = max(B0_I, best b_IJ)`` and the rule ``U_IJ >= B_I - truncation``.
+    Falls back to :func:`_keep_mask` when the candidates exceed a quarter of all pairs (wide
+    kernel, or strongly varying log-weights), or on non-CPU tensors.
+    """
+    k_i, k_j = cx.lo.shape[0], cy.lo.shape[0]
+    if k_i * k_j <= DENSE_MASK_PAIRS or cx.lo.device.type != "cpu" or (self_mask and k_j < 2):
+        return Blocks.from_mask(_keep_mask(cx, cy, eps, cost, truncation, logw, self_mask))
+    from scipy.spatial import cKDTree
+
+    p = cost_power(cost)
+    if logw is None:
+        lmax = lrep = cy.lo.new_zeros(k_j)
+    else:
+        lw = logw.detach().to(torch.float64)
+        lmax = lw.new_full((k_j,), -math.inf).scatter_reduce(0, cy.labels, lw, "amax")
+        lrep = lw[cy.rep]
+    rep = cy.points[cy.rep].to(torch.float64)
+    centre_i, centre_j = (cx.lo + cx.hi) / 2, (cy.lo + cy.hi) / 2
+    half_i, half_j = (cx.hi - cx.lo).norm(dim=1) / 2, float((cy.hi - cy.lo).norm(dim=1).amax()) / 2
+    tree = cKDTree(rep.numpy())
+    k0 = min(4, k_j)
+    _, near = tree.query(centre_i.numpy(), k=k0)
+    near = torch.as_tensor(near, dtype=torch.long).reshape(k_i, k0)
+    i0 = torch.arange(k_i).repeat_interleave(k0)
+    _, b0 = _pair_bounds(cx, cy, i0, near.reshape(-1), eps, p, lmax, lrep, rep)
+    best = _group_best(i0, b0, k_i, self_mask)
+    reach = float(lmax.amax()) - best + truncation  # c(rho_I) / eps
+    rho = (eps * reach).sqrt() if p == 2 else eps * reach
+    radius = rho + half_i + half_j
+    # Expected candidates ~ sum_I (number of column clusters within radius): bail out early when wide.
+    area_j = float(((cy.hi - cy.lo).amax(1) ** cy.lo.shape[1]).mean().clamp_min(1e-300))
+    extent = (cy.hi.amax(0) - cy.lo.amin(0)).clamp_min(1e-300)
+    if not bool(torch.isfinite(radius).all()) or float((radius.clamp_max(float(extent.norm())) ** cy.lo.shape[1]).sum()) > 0.25 * k_i * k_j * area_j:
+        return Blocks.from_mask(_keep_mask(cx, cy, eps, cost, truncation, logw, self_mask))
+    ctree = cKDTree(centre_j.numpy())
+    lists = ctree.query_ball_point(centre_i.numpy(), r=radius.numpy(), return_sorted=False)
+    sizes = torch.as_tensor([len(v) for v in lists], dtype=torch.long)
+    if int(sizes.sum()) > 0.25 * k_i * k_j:
+        return Blocks.from_mask(_keep_mask(cx, cy, eps, cost, truncation, logw, self_mask))
+    import numpy as np
+
+    jj = torch.as_tensor(np.concatenate([np.asarray(v, dtype=np.int64) for v in lists]), dtype=torch.long)
+    ii = torch.arange(k_i).repeat_interleave(sizes)
+    upper, lower = _pair_bounds(cx, cy, ii, jj, eps, p, lmax, lrep, rep)
+    best = torch.maximum(best, _group_best(ii, lower, k_i, self_mask))
+    kept = upper >= (best - truncation)[ii]
+    key = torch.sort(ii[kept] * k_j + jj[kept]).values
+    return Blocks(key // k_j, key % k_j, (k_i, k_j))
+
+
+def _runs(ranges_j: torch.Tensor, blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
     """(slices_i, redranges_j) for reductions over j: like ``from_matrix`` but each maximal run of
     consecutive kept column clusters (contiguous in the sorted cloud) is merged into one range."""
-    pad = keep.new_zeros(keep.shape[0], 1)
-    starts = keep & ~torch.cat([pad, keep[:, :-1]], 1)
-    ends = keep & ~torch.cat([keep[:, 1:], pad], 1)
-    j_start, j_end = starts.nonzero()[:, 1], ends.nonzero()[:, 1]
-    redranges_j = torch.stack([ranges_j[j_start, 0], ranges_j[j_end, 1]], 1)
-    return starts.sum(1).cumsum(0), redranges_j
+    i, j = blocks.i, blocks.j
+    new = torch.ones_like(i, dtype=torch.bool)
+    new[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1] + 1)
+    last = torch.ones_like(new)
+    last[:-1] = new[1:]
+    starts, ends = new.nonzero()[:, 0], last.nonzero()[:, 0]
+    redranges_j = torch.stack([ranges_j[j[starts], 0], ranges_j[j[ends], 1]], 1)
+    slices_i = torch.bincount(i[starts], minlength=blocks.shape[0]).cumsum(0)
+    return slices_i, redranges_j
 
 
-def block_ranges(ranges_i: torch.Tensor, ranges_j: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The 6-tuple ``LazyTensor.ranges`` of the block-sparsity pattern ``keep`` (K_I, K_J), with merged runs."""
-    slices_i, redranges_j = _runs(ranges_j, keep)
-    slices_j, redranges_i = _runs(ranges_i, keep.t().contiguous())
+def block_ranges(ranges_i: torch.Tensor, ranges_j: torch.Tensor, blocks: Blocks) -> tuple[torch.Tensor, ...]:
+    """The 6-tuple ``LazyTensor.ranges`` of the kept blocks, with merged runs of column clusters.
+
+    Only reductions over j (``dim=1``) are ever run, which read the first three ranges; the last three
+    (for reductions over i) describe the dense pattern instead of transposing the blocks.
+    """
+    slices_i, redranges_j = _runs(ranges_j, blocks)
+    n = ranges_i[-1, 1]
+    k_j = ranges_j.shape[0]
+    slices_j = torch.arange(1, k_j + 1, dtype=slices_i.dtype, device=ranges_i.device)
+    redranges_i = torch.stack([torch.zeros_like(n), n]).reshape(1, 2).expand(k_j, 2).contiguous()
     return (ranges_i, slices_i, redranges_j, ranges_j, slices_j, redranges_i)
 
 
@@ -192,10 +326,9 @@ class SparseBackend(Backend):
 
     ``truncation``: log-ratio below which cluster pairs are dropped (every dropped entry weighs
     less than ``exp(-truncation)`` times a kept entry of its row). ``cell_size``: grid cell side;
-    by default ``R / 4`` for the rows and ``R / 6`` for the columns, with R the truncation radius
-    (``sqrt(truncation·eps)`` for sqeuclidean, ``truncation·eps`` for euclidean), enlarged by
-    1.25x until clusters hold >= 64 (rows) / 16 (columns) points on average and a cloud has at
-    most 4096 clusters.
+    by default ``R / 8`` for both clouds, with R the truncation radius (``sqrt(truncation·eps)``
+    for sqeuclidean, ``truncation·eps`` for euclidean), enlarged by 1.25x until clusters hold
+    >= 64 points on average and a cloud has at most 32768 clusters.
     """
 
     name = "sparse"
@@ -247,21 +380,22 @@ class SparseBackend(Backend):
         cost: str,
         logw: torch.Tensor | None = None,
         self_offset: int | None = None,
-    ) -> tuple[Clustering, Clustering, torch.Tensor]:
-        """Clusterings of x and y and the (K_I, K_J) kept-pair mask for these logits."""
+    ) -> tuple[Clustering, Clustering, Blocks]:
+        """Clusterings of x and y and the kept cluster pairs for these logits."""
         self._check(x, y)
         cx, cy = self.clustering(x, eps, cost, "rows"), self.clustering(y, eps, cost, "cols")
         lw = logw.detach()[cy.perm].contiguous() if logw is not None else None
-        keep = _keep_mask(cx, cy, eps, cost, self.truncation, lw, self_offset is not None)
-        if not bool(keep.any(1).all()):
+        keep = _keep_blocks(cx, cy, eps, cost, self.truncation, lw, self_offset is not None)
+        if not bool((keep.per_row() > 0).all()):
             raise DriftopsError("internal error in the sparse backend: a row cluster kept no block; use backend='keops'")
         return cx, cy, keep
 
     @staticmethod
-    def kept_fraction(cx: Clustering, cy: Clustering, keep: torch.Tensor) -> tuple[float, float]:
+    def kept_fraction(cx: Clustering, cy: Clustering, keep: Blocks) -> tuple[float, float]:
         """(fraction of cluster pairs kept, fraction of point pairs kept)."""
-        pairs = float((cx.counts.double()[:, None] * cy.counts.double()[None, :])[keep].sum())
-        return float(keep.double().mean()), pairs / (float(cx.counts.sum()) * float(cy.counts.sum()))
+        pairs = float((cx.counts.double()[keep.i] * cy.counts.double()[keep.j]).sum())
+        blocks = keep.i.numel() / (keep.shape[0] * keep.shape[1])
+        return blocks, pairs / (float(cx.counts.sum()) * float(cy.counts.sum()))
 
     def pays_off(self, x: torch.Tensor, y: torch.Tensor, eps: float, cost: str) -> bool:
         """True when D <= 3, N·M >= 5e7 and the kept fraction of pairs without log-weights is < 0.3.
