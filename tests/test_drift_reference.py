@@ -41,7 +41,7 @@ def test_keops_equals_dense(plan, eps, n, m, d, dtype):
     assert a.dtype == dtype and a.shape == (n, d)
     assert torch.isfinite(a).all()
     # Sinkhorn at tiny eps amplifies rounding through many iterations: allow a looser float32 bound there.
-    tol = TOL[dtype] * (100 if plan == "sinkhorn" and dtype == torch.float32 else 1)
+    tol = TOL[dtype] * (500 if plan == "sinkhorn" and dtype == torch.float32 else 1)
     assert rel_err(a, b) < tol
 
 
