@@ -129,6 +129,19 @@ def _fingerprint(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), version)
 
 
+def _column_bounds(cy: Clustering, logw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per column cluster J (float64): the largest log-weight ``Lmax_J`` (K_J,), the log-weight of its
+    representative point (K_J,), and the representative points themselves (K_J, D)."""
+    k_j = cy.lo.shape[0]
+    if logw is None:
+        lmax = lrep = cy.lo.new_zeros(k_j)
+    else:
+        lw = logw.detach().to(torch.float64)
+        lmax = lw.new_full((k_j,), -math.inf).scatter_reduce(0, cy.labels, lw, "amax")
+        lrep = lw[cy.rep]
+    return lmax, lrep, cy.points[cy.rep].to(torch.float64)
+
+
 def _keep_mask(
     cx: Clustering,
     cy: Clustering,
@@ -148,13 +161,7 @@ def _keep_mask(
     """
     p = cost_power(cost)
     k_i, k_j = cx.lo.shape[0], cy.lo.shape[0]
-    if logw is None:
-        lmax = lrep = cy.lo.new_zeros(k_j)
-    else:
-        lw = logw.detach().to(torch.float64)
-        lmax = lw.new_full((k_j,), -math.inf).scatter_reduce(0, cy.labels, lw, "amax")
-        lrep = lw[cy.rep]
-    rep = cy.points[cy.rep].to(torch.float64)
+    lmax, lrep, rep = _column_bounds(cy, logw)
     keep = torch.empty(k_i, k_j, dtype=torch.bool, device=cx.lo.device)
     step = max(1, PAIR_CHUNK // max(k_j * cx.lo.shape[1], 1))
     for s in range(0, k_i, step):
@@ -253,13 +260,7 @@ def _keep_blocks(
     from scipy.spatial import cKDTree
 
     p = cost_power(cost)
-    if logw is None:
-        lmax = lrep = cy.lo.new_zeros(k_j)
-    else:
-        lw = logw.detach().to(torch.float64)
-        lmax = lw.new_full((k_j,), -math.inf).scatter_reduce(0, cy.labels, lw, "amax")
-        lrep = lw[cy.rep]
-    rep = cy.points[cy.rep].to(torch.float64)
+    lmax, lrep, rep = _column_bounds(cy, logw)
     centre_i, centre_j = (cx.lo + cx.hi) / 2, (cy.lo + cy.hi) / 2
     half_i, half_j = (cx.hi - cx.lo).norm(dim=1) / 2, float((cy.hi - cy.lo).norm(dim=1).amax()) / 2
     tree = cKDTree(rep.numpy())
