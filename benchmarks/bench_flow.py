@@ -68,8 +68,7 @@ def exact_rows(x, y, rows, eps, calls) -> torch.Tensor:
     xr = x[rows].contiguous()
     out = []
     for cols, lw, off in ((y, lw_cross, off_cross), (x, lw_self, off_self)):
-        idx = rows if off is not None else None
-        s = keops_logits(xr, cols, eps, "sqeuclidean", lw, 0 if off is not None else None, idx, None)
+        s = keops_logits(xr, cols, eps, "sqeuclidean", lw, rows if off is not None else None)
         out.append(s.sumsoftmaxweight(LazyTensor(cols[None, :, :]), dim=1))
     return out[0] - out[1]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import driftops
-from driftops.backends import DenseBackend, KeOpsBackend
+from driftops.backends import DenseBackend, KeOpsBackend, SparseBackend
 
 import reference
 
@@ -40,8 +40,9 @@ def test_keops_equals_dense(plan, eps, n, m, d, dtype):
     b = driftops.drift(x, y, backend="dense", **kw)
     assert a.dtype == dtype and a.shape == (n, d)
     assert torch.isfinite(a).all()
-    # Sinkhorn at tiny eps amplifies rounding through many iterations: allow a looser float32 bound there.
-    tol = TOL[dtype] * (500 if plan == "sinkhorn" and dtype == torch.float32 else 1)
+    # 200 float32 Sinkhorn iterations at eps = 1e-3 amplify the rounding of logits ~1e3 (different summation
+    # orders in KeOps and torch): measured 1e-2 to 7e-2 relative there depending on the CPU; 1e-4 elsewhere.
+    tol = TOL[dtype] * (1000 if plan == "sinkhorn" and dtype == torch.float32 else 1)
     assert rel_err(a, b) < tol
 
 
@@ -92,6 +93,28 @@ def test_reductions_with_logweights_and_offsets(backend, offset):
         s[torch.arange(25), torch.arange(25) + offset] = -float("inf")
     assert torch.allclose(backend.lse(x, y, 0.05, "sqeuclidean", logw, offset), torch.logsumexp(s, 1), rtol=1e-12, atol=1e-10)
     assert torch.allclose(backend.weighted_mean(x, y, 0.05, "sqeuclidean", y, logw, offset), torch.softmax(s, 1) @ y, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", [KeOpsBackend(), DenseBackend(), SparseBackend()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_self_mask_on_crowded_and_isolated_points(backend, dtype):
+    """Crowded rows (own point holds a small share of the row: subtracted from the unmasked sums) and
+    isolated rows (own point holds almost all of it: recomputed with the pair masked by index)."""
+    g = torch.Generator().manual_seed(11)
+    y = torch.cat([torch.randn(300, 2, generator=g) * 0.3, torch.randn(12, 2, generator=g) * 2 + 8]).to(dtype)
+    logw = torch.rand(312, generator=g, dtype=dtype)
+    eps, offset = 0.01, 40
+    x = y[offset:]
+    s = -reference.cost(x, y, "sqeuclidean") / eps + logw
+    own = s[torch.arange(x.shape[0]), torch.arange(x.shape[0]) + offset].clone()
+    share = (own - torch.logsumexp(s, 1)).exp()
+    assert (share > 0.9).any() and (share < 0.1).any()
+    s[torch.arange(x.shape[0]), torch.arange(x.shape[0]) + offset] = -float("inf")
+    tol = TOL[dtype] if backend.name != "sparse" else max(TOL[dtype], 1e-7)
+    lse = backend.lse(x, y, eps, "sqeuclidean", logw, offset)
+    mean = backend.weighted_mean(x, y, eps, "sqeuclidean", y, logw, offset)
+    assert rel_err(lse, torch.logsumexp(s, 1)) < tol
+    assert rel_err(mean, torch.softmax(s, 1) @ y) < tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -33,11 +33,14 @@ class AutoBackend(Backend):
             return self.dense
         return self.sparse if self.sparse.pays_off(x, y, eps, cost) else self.keops
 
-    def lse(self, x, y, eps, cost, logw=None, self_offset=None):
-        return self.pick(x, y, eps, cost).lse(x, y, eps, cost, logw, self_offset)
+    def reduce_lse(self, x, y, eps, cost, logw, diag):
+        return self.pick(x, y, eps, cost).reduce_lse(x, y, eps, cost, logw, diag)
 
-    def weighted_mean(self, x, y, eps, cost, values, logw=None, self_offset=None):
-        return self.pick(x, y, eps, cost).weighted_mean(x, y, eps, cost, values, logw, self_offset)
+    def reduce_mean(self, x, y, eps, cost, values, logw, diag):
+        return self.pick(x, y, eps, cost).reduce_mean(x, y, eps, cost, values, logw, diag)
+
+    def reduce_lse_mean(self, x, y, eps, cost, values, logw):
+        return self.pick(x, y, eps, cost).reduce_lse_mean(x, y, eps, cost, values, logw)
 
 
 BACKENDS = {"auto": AutoBackend, "keops": KeOpsBackend, "sparse": SparseBackend, "dense": DenseBackend}

@@ -9,26 +9,52 @@ logits ``S_ij = logw_j - c(x_i, y_j) / eps`` (x: (N, D), y: (M, D)):
 
 A reduction over the first axis is the same call with x and y swapped.
 ``self_offset=k`` removes the pairs ``j == i + k`` (the diagonal of a self
-interaction when x is a slice of y starting at row k); ``None`` keeps all
-pairs. Backends differ only in how they evaluate these sums.
+interaction: x is a slice of y starting at row k, so ``c(x_i, y_{i+k}) = 0``);
+``None`` keeps all pairs.
+
+Backends differ only in how they evaluate three primitive reductions
+(``reduce_lse``, ``reduce_mean``, ``reduce_lse_mean``). The self mask is applied
+here, once for all of them: the unmasked sums are computed (a cheaper formula)
+and the diagonal term ``exp(logw_{i+k})`` is removed from them; rows whose
+diagonal term holds more than ``DIAGONAL_SHARE`` of their mass (isolated points,
+where the subtraction would cancel) are recomputed with the pair masked by index.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 
 # A large finite logit penalty: KeOps returns NaN on -inf logits, so masked pairs get this instead.
 MASK_PENALTY = 1e30
+# Rows whose diagonal term holds more than this share of the row's mass are recomputed with an index
+# mask; below it, subtracting the term loses at most a factor 1 / (1 - share) = 2 in relative precision.
+DIAGONAL_SHARE = 0.5
 
 
 class Backend(ABC):
-    """A way to evaluate the two reductions of the module docstring."""
+    """A way to evaluate the two reductions of the module docstring.
+
+    ``diag`` arguments of the primitives: None (keep every pair) or an (N,) int64 tensor,
+    the column excluded from each row.
+    """
 
     name: str = "abstract"
 
     @abstractmethod
+    def reduce_lse(self, x, y, eps: float, cost: str, logw: torch.Tensor | None, diag: torch.Tensor | None) -> torch.Tensor:
+        """(N,) ``log sum_{j != diag_i} exp(logw_j - c(x_i, y_j)/eps)``; differentiable where the backend is."""
+
+    @abstractmethod
+    def reduce_mean(self, x, y, eps: float, cost: str, values, logw: torch.Tensor | None, diag: torch.Tensor | None) -> torch.Tensor:
+        """(N, E) ``sum_{j != diag_i} softmax_j(S_ij) values_j``; differentiable where the backend is."""
+
+    @abstractmethod
+    def reduce_lse_mean(self, x, y, eps: float, cost: str, values, logw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unmasked ``reduce_lse`` and ``reduce_mean`` from one pass over the pairs (no autograd needed)."""
+
     def lse(
         self,
         x: torch.Tensor,
@@ -39,8 +65,14 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``log sum_j exp(logw_j - c(x_i, y_j)/eps)`` over unmasked j, shape (N,)."""
+        full = self.reduce_lse(x, y, eps, cost, logw, None)
+        if self_offset is None:
+            return full
+        diag = _diagonal(x, self_offset)
+        share = _diagonal_share(full, logw, diag)
+        out = full + torch.log1p(-share.clamp_max(DIAGONAL_SHARE))
+        return _redo_rows(out, share, lambda rows: self.reduce_lse(x[rows], y, eps, cost, logw, diag[rows]))
 
-    @abstractmethod
     def weighted_mean(
         self,
         x: torch.Tensor,
@@ -52,6 +84,35 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``sum_j softmax_j(logw_j - c(x_i, y_j)/eps) values_j`` over unmasked j, shape (N, E)."""
+        if self_offset is None:
+            return self.reduce_mean(x, y, eps, cost, values, logw, None)
+        diag = _diagonal(x, self_offset)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, values, logw)):
+            return self.reduce_mean(x, y, eps, cost, values, logw, diag)
+        full, mean = self.reduce_lse_mean(x, y, eps, cost, values, logw)
+        share = _diagonal_share(full, logw, diag)
+        kept = share.clamp_max(DIAGONAL_SHARE)[:, None]
+        out = (mean - kept * values[diag]) / (1 - kept)
+        return _redo_rows(out, share, lambda rows: self.reduce_mean(x[rows], y, eps, cost, values, logw, diag[rows]))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _diagonal(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """(N,) column index ``i + offset`` of each row's own point."""
+    return torch.arange(offset, offset + x.shape[0], device=x.device)
+
+
+def _diagonal_share(full_lse: torch.Tensor, logw: torch.Tensor | None, diag: torch.Tensor) -> torch.Tensor:
+    """(N,) share ``exp(S_ii - LSE_i)`` of each row's mass held by its own point (whose cost is 0)."""
+    own = logw[diag] if logw is not None else torch.zeros_like(full_lse)
+    return (own - full_lse).exp()
+
+
+def _redo_rows(out: torch.Tensor, share: torch.Tensor, exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``out`` with the rows whose diagonal share exceeds DIAGONAL_SHARE replaced by ``exact(rows)``."""
+    rows = (share > DIAGONAL_SHARE).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return out
+    return out.index_put((rows,), exact(rows))

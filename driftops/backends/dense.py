@@ -34,9 +34,9 @@ class DenseBackend(Backend):
         eps: float,
         cost: str,
         logw: torch.Tensor | None,
-        self_offset: int | None,
+        diag: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The (N, M) logits ``logw_j - c_ij/eps`` with masked pairs set to -inf."""
+        """The (N, M) logits ``logw_j - c_ij/eps`` with the pairs (i, diag_i) set to -inf."""
         n, m = x.shape[0], y.shape[0]
         # The pairwise difference tensor (N, M, D) is the largest temporary.
         needed = n * m * (x.shape[1] + 4) * x.element_size()
@@ -48,15 +48,17 @@ class DenseBackend(Backend):
         s = -dense_cost(x, y, cost) / eps
         if logw is not None:
             s = s + logw[None, :]
-        if self_offset is not None:
-            i = torch.arange(n, device=x.device)
-            j = i + self_offset
-            keep = j < m
-            s = s.index_put((i[keep], j[keep]), torch.tensor(-float("inf"), dtype=s.dtype, device=s.device))
+        if diag is not None:
+            rows = torch.arange(n, device=x.device)
+            s = s.index_put((rows, diag), torch.tensor(-float("inf"), dtype=s.dtype, device=s.device))
         return s
 
-    def lse(self, x, y, eps, cost, logw=None, self_offset=None):
-        return torch.logsumexp(self.logits(x, y, eps, cost, logw, self_offset), dim=1)
+    def reduce_lse(self, x, y, eps, cost, logw, diag):
+        return torch.logsumexp(self.logits(x, y, eps, cost, logw, diag), dim=1)
 
-    def weighted_mean(self, x, y, eps, cost, values, logw=None, self_offset=None):
-        return torch.softmax(self.logits(x, y, eps, cost, logw, self_offset), dim=1) @ values
+    def reduce_mean(self, x, y, eps, cost, values, logw, diag):
+        return torch.softmax(self.logits(x, y, eps, cost, logw, diag), dim=1) @ values
+
+    def reduce_lse_mean(self, x, y, eps, cost, values, logw):
+        s = self.logits(x, y, eps, cost, logw, None)
+        return torch.logsumexp(s, dim=1), torch.softmax(s, dim=1) @ values

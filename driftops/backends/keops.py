@@ -15,14 +15,14 @@ def keops_logits(
     eps: float,
     cost: str,
     logw: torch.Tensor | None,
-    self_offset: int | None,
-    x_index: torch.Tensor | None = None,
+    diag: torch.Tensor | None,
     y_index: torch.Tensor | None = None,
 ) -> LazyTensor:
-    """Symbolic (N, M) logits ``logw_j - c_ij/eps``; masked pairs get ``-MASK_PENALTY`` (never -inf).
+    """Symbolic (N, M) logits ``logw_j - c_ij/eps``.
 
-    ``x_index``/``y_index`` are the original row numbers of the points when they were permuted
-    (the block-sparse backend sorts them); by default row i is point i.
+    ``diag`` (N,) int64: the column masked in each row (penalty ``-MASK_PENALTY``, never -inf), in the
+    numbering of ``y_index`` (M,), the original row numbers of y's points when they were permuted
+    (the block-sparse backend sorts them); by default column j is point j.
     """
     x_i = LazyTensor(x[:, None, :])
     y_j = LazyTensor(y[None, :, :])
@@ -32,15 +32,20 @@ def keops_logits(
     s = (d2 if cost_power(cost) == 2 else d2.sqrt()) * scale
     if logw is not None:
         s = s + LazyTensor(logw.reshape(1, -1, 1))
-    if self_offset is not None:
-        # Pairs j == i + offset are masked by index; indices are exact in float32 below 2^24.
-        n, m = x.shape[0], y.shape[0]
-        ii = x_index if x_index is not None else torch.arange(n, device=x.device)
-        jj = y_index if y_index is not None else torch.arange(m, device=x.device)
-        i_f = LazyTensor((ii + self_offset).to(x.dtype).reshape(-1, 1, 1))
+    if diag is not None:
+        # Indices are exact in float32 below 2^24.
+        jj = y_index if y_index is not None else torch.arange(y.shape[0], device=x.device)
+        i_f = LazyTensor(diag.to(x.dtype).reshape(-1, 1, 1))
         j_f = LazyTensor(jj.to(x.dtype).reshape(1, -1, 1))
         s = s - (0.5 - (i_f - j_f).abs()).step() * MASK_PENALTY
     return s
+
+
+def lse_and_mean(s: LazyTensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row log-sum-exp (N,) and softmax-weighted mean (N, E) of ``values`` (M, E) from one reduction."""
+    ones = torch.ones_like(values[:, :1])
+    out = s.reduction("Max_SumShiftExpWeight", other=LazyTensor(torch.cat([ones, values], 1)[None]), dim=1)
+    return out[:, 0] + out[:, 1].log(), out[:, 2:] / out[:, 1:2]
 
 
 class KeOpsBackend(Backend):
@@ -48,10 +53,11 @@ class KeOpsBackend(Backend):
 
     name = "keops"
 
-    def lse(self, x, y, eps, cost, logw=None, self_offset=None):
-        s = keops_logits(x, y, eps, cost, logw, self_offset)
-        return s.logsumexp(dim=1).reshape(-1)
+    def reduce_lse(self, x, y, eps, cost, logw, diag):
+        return keops_logits(x, y, eps, cost, logw, diag).logsumexp(dim=1).reshape(-1)
 
-    def weighted_mean(self, x, y, eps, cost, values, logw=None, self_offset=None):
-        s = keops_logits(x, y, eps, cost, logw, self_offset)
-        return s.sumsoftmaxweight(LazyTensor(values[None, :, :]), dim=1)
+    def reduce_mean(self, x, y, eps, cost, values, logw, diag):
+        return keops_logits(x, y, eps, cost, logw, diag).sumsoftmaxweight(LazyTensor(values[None, :, :]), dim=1)
+
+    def reduce_lse_mean(self, x, y, eps, cost, values, logw):
+        return lse_and_mean(keops_logits(x, y, eps, cost, logw, None), values.detach())

@@ -36,7 +36,7 @@ from pykeops.torch.cluster import cluster_ranges_centroids
 from ..costs import cost_power
 from ..errors import DriftopsError
 from .base import Backend
-from .keops import keops_logits
+from .keops import keops_logits, lse_and_mean
 
 # Cell-size rule (measured on 2D Gaussian vs checkerboard, 65k and 1M points, see benchmarks/bench_sparse.py
 # and benchmarks/bench_flow.py): cells of side truncation_radius / CELLS_PER_RADIUS, grown by CELL_GROWTH until a
@@ -380,13 +380,14 @@ class SparseBackend(Backend):
         eps: float,
         cost: str,
         logw: torch.Tensor | None = None,
-        self_offset: int | None = None,
+        self_mask: bool = False,
     ) -> tuple[Clustering, Clustering, Blocks]:
-        """Clusterings of x and y and the kept cluster pairs for these logits."""
+        """Clusterings of x and y and the kept cluster pairs for these logits (``self_mask``: one pair
+        per row is masked)."""
         self._check(x, y)
         cx, cy = self.clustering(x, eps, cost, "rows"), self.clustering(y, eps, cost, "cols")
         lw = logw.detach()[cy.perm].contiguous() if logw is not None else None
-        keep = _keep_blocks(cx, cy, eps, cost, self.truncation, lw, self_offset is not None)
+        keep = _keep_blocks(cx, cy, eps, cost, self.truncation, lw, self_mask)
         if not bool((keep.per_row() > 0).all()):
             raise DriftopsError("internal error in the sparse backend: a row cluster kept no block; use backend='keops'")
         return cx, cy, keep
@@ -423,10 +424,10 @@ class SparseBackend(Backend):
                 "use backend='keops' (or 'auto', which picks it) for higher dimensions"
             )
 
-    def _logits(self, x, y, eps, cost, logw, self_offset) -> tuple[LazyTensor, Clustering, Clustering]:
-        cx, cy, keep = self.plan_blocks(x, y, eps, cost, logw, self_offset)
+    def _logits(self, x, y, eps, cost, logw, diag) -> tuple[LazyTensor, Clustering, Clustering]:
+        cx, cy, keep = self.plan_blocks(x, y, eps, cost, logw, diag is not None)
         lw = logw.detach()[cy.perm].contiguous() if logw is not None else None
-        s = keops_logits(cx.points, cy.points, eps, cost, lw, self_offset, cx.perm, cy.perm)
+        s = keops_logits(cx.points, cy.points, eps, cost, lw, None if diag is None else diag[cx.perm], cy.perm)
         s.ranges = block_ranges(cx.ranges, cy.ranges, keep)
         return s, cx, cy
 
@@ -436,13 +437,19 @@ class SparseBackend(Backend):
         res[cx.perm] = out
         return res
 
-    def lse(self, x, y, eps, cost, logw=None, self_offset=None):
-        """``log sum_j exp(logw_j - c(x_i, y_j)/eps)`` over kept unmasked j, shape (N,), original order."""
-        s, cx, _ = self._logits(x, y, eps, cost, logw, self_offset)
+    def reduce_lse(self, x, y, eps, cost, logw, diag):
+        """``log sum_j exp(logw_j - c(x_i, y_j)/eps)`` over kept j != diag_i, shape (N,), original order."""
+        s, cx, _ = self._logits(x, y, eps, cost, logw, diag)
         return self._unsort(s.logsumexp(dim=1).reshape(-1), cx)
 
-    def weighted_mean(self, x, y, eps, cost, values, logw=None, self_offset=None):
-        """``sum_j softmax_j(S_ij) values_j`` over kept unmasked j, values (M, E) -> (N, E), original order."""
-        s, cx, cy = self._logits(x, y, eps, cost, logw, self_offset)
+    def reduce_mean(self, x, y, eps, cost, values, logw, diag):
+        """``sum_j softmax_j(S_ij) values_j`` over kept j != diag_i, values (M, E) -> (N, E), original order."""
+        s, cx, cy = self._logits(x, y, eps, cost, logw, diag)
         v = values.detach()[cy.perm].contiguous()
         return self._unsort(s.sumsoftmaxweight(LazyTensor(v[None, :, :]), dim=1), cx)
+
+    def reduce_lse_mean(self, x, y, eps, cost, values, logw):
+        """``reduce_lse`` and ``reduce_mean`` (no mask) from one block-sparse reduction, original order."""
+        s, cx, cy = self._logits(x, y, eps, cost, logw, None)
+        lse, mean = lse_and_mean(s, values.detach()[cy.perm].contiguous())
+        return self._unsort(lse, cx), self._unsort(mean, cx)
