@@ -90,7 +90,7 @@ def case(n: int, plan: str, args) -> dict:
     else:
         v = driftops.drift(x, y, args.eps, plan=plan, backend=be)
     res["seconds"] = time.perf_counter() - t
-    res["sparse"] = bool(be.sparse.pays_off(x, y, args.eps, "sqeuclidean"))
+    res["sparse"] = be.pick(x, y) is be.sparse
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(2))[: args.rows].sort().values
     t = time.perf_counter()
     ref = exact_rows(x, y, rows, args.eps, be.calls)

@@ -178,14 +178,19 @@ def test_no_gradient_and_original_order():
     assert torch.allclose(again, out[perm], rtol=1e-6, atol=1e-5)
 
 
-def test_pays_off():
-    sb = SparseBackend()
-    big_x, big_y = clouds(12000, 6000, 2, torch.float32, seed=17)  # 7.2e7 pairs
-    assert sb.pays_off(big_x, big_y, 1e-3, "sqeuclidean")
-    assert not sb.pays_off(big_x, big_y, 10.0, "sqeuclidean")  # wide kernel: every block is kept
-    small_x, small_y = clouds(2000, 2000, 2, torch.float32)
-    assert not sb.pays_off(small_x, small_y, 1e-3, "sqeuclidean")  # too small to bother
-    assert not sb.pays_off(torch.randn(12000, 4), torch.randn(6000, 4), 1e-3, "sqeuclidean")
+def test_auto_picks_a_backend():
+    from driftops.backends import AutoBackend
+
+    auto = AutoBackend()
+    big_x, big_y = clouds(12000, 6000, 2, torch.float32, seed=17)
+    assert auto.pick(big_x, big_y) is auto.sparse
+    assert auto.pick(big_x, big_y, big_y[:, :1].requires_grad_()) is auto.keops  # the sparse path has no gradient
+    assert auto.pick(big_x.requires_grad_(), big_y) is auto.keops
+    with torch.no_grad():
+        assert auto.pick(big_x, big_y) is auto.sparse
+    assert auto.pick(torch.randn(12000, 4), torch.randn(6000, 4)) is auto.keops
+    small_x, small_y = clouds(500, 400, 2, torch.float32)
+    assert auto.pick(small_x, small_y) is auto.dense
 
 
 def test_rejects_high_dimension():

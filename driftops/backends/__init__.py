@@ -2,10 +2,12 @@
 
 ``"dense"`` (torch reference), ``"keops"`` (lazy, any size, CPU or GPU),
 ``"sparse"`` (block-sparse truncated KeOps reductions for D <= 3) and
-``"auto"`` (sparse where it is exact to its tolerance and pays off, else keops).
+``"auto"`` (dense when tiny, sparse for D <= 3 without gradients, else keops).
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..errors import DriftopsError
 from .base import Backend
@@ -15,11 +17,16 @@ from .sparse import SparseBackend
 
 # Largest N*M*(D+4) for which "auto" uses the dense backend (about 64 MiB of float32 temporaries).
 DENSE_MAX_ELEMENTS = 1 << 24
+# Largest dimension for which "auto" uses the block-sparse backend. Measured on 2D clouds of 2k to 1M points
+# (benchmarks/bench_sparse.py): it is faster than the dense-lazy reduction at every temperature, by 1.2x when
+# every block is kept (eps large: the block loop runs faster) to 20-70x at eps = 0.01, where it also skips the
+# pairs whose exp() underflows, which cost the dense-lazy loop 2-3x more than the others.
+SPARSE_MAX_DIM = 3
 
 
 class AutoBackend(Backend):
-    """Dense torch for tiny problems (no compile, no call overhead), the block-sparse path for large
-    low-dimensional problems where it pays off, KeOps otherwise."""
+    """Dense torch for tiny problems (no compile, no call overhead); the block-sparse path for D <= 3 when no
+    gradient is needed; dense-lazy KeOps otherwise."""
 
     name = "auto"
 
@@ -28,19 +35,21 @@ class AutoBackend(Backend):
         self.keops = KeOpsBackend()
         self.sparse = SparseBackend()
 
-    def pick(self, x, y, eps, cost) -> Backend:
+    def pick(self, x: torch.Tensor, y: torch.Tensor, *others: torch.Tensor | None) -> Backend:
+        """The backend for a reduction of x (N, D) against y (M, D) with further inputs ``others``."""
         if x.shape[0] * y.shape[0] * (x.shape[1] + 4) <= DENSE_MAX_ELEMENTS:
             return self.dense
-        return self.sparse if self.sparse.pays_off(x, y, eps, cost) else self.keops
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, *others))
+        return self.sparse if x.shape[1] <= SPARSE_MAX_DIM and not grad else self.keops
 
     def reduce_lse(self, x, y, eps, cost, logw, diag):
-        return self.pick(x, y, eps, cost).reduce_lse(x, y, eps, cost, logw, diag)
+        return self.pick(x, y, logw).reduce_lse(x, y, eps, cost, logw, diag)
 
     def reduce_mean(self, x, y, eps, cost, values, logw, diag):
-        return self.pick(x, y, eps, cost).reduce_mean(x, y, eps, cost, values, logw, diag)
+        return self.pick(x, y, values, logw).reduce_mean(x, y, eps, cost, values, logw, diag)
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
-        return self.pick(x, y, eps, cost).reduce_lse_mean(x, y, eps, cost, values, logw)
+        return self.pick(x, y, values, logw).reduce_lse_mean(x, y, eps, cost, values, logw)
 
 
 BACKENDS = {"auto": AutoBackend, "keops": KeOpsBackend, "sparse": SparseBackend, "dense": DenseBackend}

@@ -42,9 +42,13 @@ def keops_logits(
 
 
 def lse_and_mean(s: LazyTensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row log-sum-exp (N,) and softmax-weighted mean (N, E) of ``values`` (M, E) from one reduction."""
-    ones = torch.ones_like(values[:, :1])
-    out = s.reduction("Max_SumShiftExpWeight", other=LazyTensor(torch.cat([ones, values], 1)[None]), dim=1)
+    """Row log-sum-exp (N,) and softmax-weighted mean (N, E) of ``values`` (M, E) from one reduction.
+
+    The same compiled formula as ``sumsoftmaxweight`` (whose weights are also ``[1, values]``), which
+    keeps only the ratio: here the row maximum and normaliser are read too.
+    """
+    weights = LazyTensor(1).concat(LazyTensor(values[None, :, :]))
+    out = s.reduction("Max_SumShiftExpWeight", other=weights, dim=1)
     return out[:, 0] + out[:, 1].log(), out[:, 2:] / out[:, 1:2]
 
 

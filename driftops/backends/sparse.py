@@ -50,9 +50,6 @@ CELLS_PER_RADIUS = {"rows": 8.0, "cols": 8.0}
 MIN_MEAN_POINTS = {"rows": 64, "cols": 64}
 CELL_GROWTH = 1.25
 MAX_CLUSTERS = 1 << 15
-# pays_off: a problem this large (N * M pairs) whose estimated kept fraction is below KEPT_FRACTION.
-MIN_PAIRS = 5e7
-KEPT_FRACTION = 0.3
 # Below this many cluster pairs the keep mask is computed densely (no k-d tree).
 DENSE_MASK_PAIRS = 1 << 20
 # Number of cluster pairs whose bounds are evaluated at once (bounds the memory of the keep mask).
@@ -343,7 +340,6 @@ class SparseBackend(Backend):
         self.truncation = float(truncation)
         self.cell_size = cell_size
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, Clustering]] = OrderedDict()
-        self._decisions: OrderedDict[tuple, bool] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"SparseBackend(truncation={self.truncation}, cell_size={self.cell_size})"
@@ -398,22 +394,6 @@ class SparseBackend(Backend):
         pairs = float((cx.counts.double()[keep.i] * cy.counts.double()[keep.j]).sum())
         blocks = keep.i.numel() / (keep.shape[0] * keep.shape[1])
         return blocks, pairs / (float(cx.counts.sum()) * float(cy.counts.sum()))
-
-    def pays_off(self, x: torch.Tensor, y: torch.Tensor, eps: float, cost: str) -> bool:
-        """True when D <= 3, N·M >= 5e7 and the kept fraction of pairs without log-weights is < 0.3.
-
-        Cheap: one clustering per cloud (cached and reused by the reductions) and an O(K_I·K_J)
-        mask, computed once per (x, y, eps, cost); the clouds' memory stays referenced by the cache.
-        """
-        if x.shape[-1] > 3 or x.shape[0] * y.shape[0] < MIN_PAIRS:
-            return False
-        key = (_fingerprint(x.detach()), _fingerprint(y.detach()), float(eps), cost)
-        if key not in self._decisions:
-            cx, cy, keep = self.plan_blocks(x, y, eps, cost)
-            self._decisions[key] = self.kept_fraction(cx, cy, keep)[1] < KEPT_FRACTION
-            while len(self._decisions) > self.cache_size:
-                self._decisions.popitem(last=False)
-        return self._decisions[key]
 
     # -- reductions -----------------------------------------------------------------------------
     @staticmethod
