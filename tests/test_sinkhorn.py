@@ -11,6 +11,7 @@ import driftops
 from driftops.backends import KeOpsBackend
 from driftops.data import sample_toy
 from driftops.parallel import Cloud, Comm
+from driftops import plans
 from driftops.plans import Geometry, sinkhorn
 
 
@@ -105,3 +106,35 @@ def test_distributed_slices_match_single_process():
         full = driftops.drift(x, y, 0.05, plan=plan, backend="keops", tol=1e-6, max_iter=5000)
         gathered = torch.cat([out[f"{plan}-0"], out[f"{plan}-1"]])
         assert torch.allclose(gathered, full, atol=1e-5), plan
+
+
+def test_coarse_level_keeps_mass_and_mean():
+    x, _ = pair(3000, 10)
+    w = torch.rand(3000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cloud = Cloud(x, x, 0, w.log())
+    geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), Comm())
+    coarse = plans._level(cloud, geom, 1.0)
+    assert 1 < coarse.full.shape[0] * plans.LEVEL_MIN_SHRINK <= 3000
+    assert float(coarse.logw.exp().sum()) == pytest.approx(1.0, abs=1e-12)
+    mean = (w[:, None] * x).sum(0) / w.sum()
+    assert torch.allclose((coarse.logw.exp()[:, None] * coarse.full).sum(0), mean, atol=1e-12)
+    assert plans._level(cloud, geom, 1e-4) is cloud  # cells too small to shrink the cloud: the points themselves
+    assert plans._level(cloud, Geometry(0.01, "sqeuclidean", KeOpsBackend(), Comm()), 1.0) is cloud
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_coarse_to_fine_annealing_reaches_the_same_potentials(cost, symmetric):
+    x, y = pair(1200, 900)
+    wy = torch.rand(900, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.1
+    comm = Comm()
+    src, dst = Cloud.split(x, comm), (None if symmetric else Cloud.split(y, comm, wy.log()))
+    eps = 0.05 if cost == "sqeuclidean" else 0.1
+    runs = {}
+    for name in ("auto", "dense"):  # "auto" anneals on coarse levels, "dense" on the points
+        runs[name] = sinkhorn(src, dst, Geometry(eps, cost, driftops.backends.get_backend(name), comm), tol=1e-7, max_iter=20000)
+        assert runs[name].converged
+    # Potentials are defined up to a constant shifted between f and g; their sum on the plan's support is not.
+    shift = float((runs["auto"].f - runs["dense"].f).mean())
+    assert torch.allclose(runs["auto"].f - shift, runs["dense"].f, atol=1e-5 * eps)
+    assert torch.allclose(runs["auto"].g + shift * (not symmetric), runs["dense"].g, atol=1e-5 * eps)
