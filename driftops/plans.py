@@ -96,8 +96,9 @@ def _level(cloud: Cloud, geom: Geometry, eps: float) -> Cloud:
     k = int(labels.max()) + 1
     if k * LEVEL_MIN_SHRINK > pts.shape[0]:
         return cloud
-    mass = torch.zeros(k, dtype=pts.dtype, device=pts.device).index_add_(0, labels, cloud.log_marginal().exp())
-    centroids = torch.zeros(k, pts.shape[1], dtype=pts.dtype, device=pts.device).index_add_(0, labels, pts * cloud.log_marginal().exp()[:, None])
+    weights = cloud.log_marginal().exp()
+    mass = torch.zeros(k, dtype=pts.dtype, device=pts.device).index_add_(0, labels, weights)
+    centroids = torch.zeros(k, pts.shape[1], dtype=pts.dtype, device=pts.device).index_add_(0, labels, pts * weights[:, None])
     centroids = centroids / mass.clamp_min(torch.finfo(pts.dtype).tiny)[:, None]
     return Cloud(centroids, centroids, 0, mass.log())
 

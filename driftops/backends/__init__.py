@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DriftopsError
-from .base import Backend
+from .base import Backend, needs_grad
 from .dense import DenseBackend
 from .keops import KeOpsBackend
 from .sparse import SparseBackend
@@ -39,8 +39,7 @@ class AutoBackend(Backend):
         """The backend for a reduction of x (N, D) against y (M, D) with further inputs ``others``."""
         if x.shape[0] * y.shape[0] * (x.shape[1] + 4) <= DENSE_MAX_ELEMENTS:
             return self.dense
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, *others))
-        return self.sparse if x.shape[1] <= SPARSE_MAX_DIM and not grad else self.keops
+        return self.sparse if x.shape[1] <= SPARSE_MAX_DIM and not needs_grad(x, y, *others) else self.keops
 
     def reduce_lse(self, x, y, eps, cost, logw, diag):
         return self.pick(x, y, logw).reduce_lse(x, y, eps, cost, logw, diag)

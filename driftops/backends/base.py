@@ -87,7 +87,7 @@ class Backend(ABC):
         if self_offset is None:
             return self.reduce_mean(x, y, eps, cost, values, logw, None)
         diag = _diagonal(x, self_offset)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, values, logw)):
+        if needs_grad(x, y, values, logw):
             return self.reduce_mean(x, y, eps, cost, values, logw, diag)
         full, mean = self.reduce_lse_mean(x, y, eps, cost, values, logw)
         share = _diagonal_share(full, logw, diag)
@@ -97,6 +97,11 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd is on and one of the tensors requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _diagonal(x: torch.Tensor, offset: int) -> torch.Tensor:
