@@ -43,6 +43,8 @@ WARM_RESTART = 64.0
 # eps = 0.01: the cold annealing's first 25 temperatures then cost seconds instead of a minute.
 LEVEL_CELLS = 2.0
 LEVEL_MIN_SHRINK = 4
+# The coarse level's own solve at the target temperature stops at tol / COARSE_TOL_FACTOR.
+COARSE_TOL_FACTOR = 3.0
 
 
 @dataclass
@@ -109,6 +111,36 @@ def _marginal_error(marginal_log: torch.Tensor, old: torch.Tensor, new: torch.Te
     return float((marginal_log.exp() * (ratio - 1).abs()).sum())
 
 
+def _iterate(
+    geom: Geometry, src: Cloud, dst: Cloud | None, f: torch.Tensor, g: torch.Tensor, tol: float, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Sinkhorn iterations at ``geom.eps`` from ``f`` (on src) and ``g`` (on dst; ignored when ``dst`` is None, the
+    self problem) until the L1 marginal error is below ``tol``: returns (f, g, error, iterations)."""
+    eps = geom.eps
+    err, it = math.inf, 0
+    if dst is None:
+        for it in range(1, max_iter + 1):
+            f_new = _update(geom, src, src, f, eps)
+            err = _marginal_error(src.log_marginal(), f, f_new, eps)
+            if err < tol:
+                break
+            f = 0.5 * (f + f_new)
+        return f, f, err, it
+    f = _update(geom, src, dst, g, eps)
+    omega, previous = OVERRELAXATION, math.inf
+    for it in range(1, max_iter + 1):
+        g_new = _update(geom, dst, src, f, eps)
+        err = _marginal_error(dst.log_marginal(), g, g_new, eps)
+        if err < tol:
+            break
+        if err > previous:  # over-relaxation is only locally convergent: fall back to plain steps
+            omega = 1.0
+        previous = err
+        g = g + omega * (g_new - g)
+        f = _update(geom, src, dst, g, eps)
+    return f, g, err, it
+
+
 def sinkhorn(
     src: Cloud,
     dst: Cloud | None,
@@ -158,32 +190,21 @@ def sinkhorn(
             f, f_on = _update(geom, rows, g_on, g, e), rows
             cols = _level(dst, geom, e)
             g, g_on = _update(geom, cols, f_on, f, e), cols
-    if symmetric and f_on is not src:
-        f = _update(geom, src, f_on, f, eps)
-    if not symmetric and g_on is not dst:
-        g = _update(geom, dst, f_on, f, eps)
-    err, it = math.inf, 0
-    if symmetric:
-        for it in range(1, max_iter + 1):
-            f_new = _update(geom, src, src, f, eps)
-            err = _marginal_error(src.log_marginal(), f, f_new, eps)
-            if err < tol:
-                break
-            f = 0.5 * (f + f_new)
-        g = f
-    else:
-        f = _update(geom, src, dst, g, eps)
-        omega, previous = OVERRELAXATION, math.inf
-        for it in range(1, max_iter + 1):
-            g_new = _update(geom, dst, src, f, eps)
-            err = _marginal_error(dst.log_marginal(), g, g_new, eps)
-            if err < tol:
-                break
-            if err > previous:  # over-relaxation is only locally convergent: fall back to plain steps
-                omega = 1.0
-            previous = err
-            g = g + omega * (g_new - g)
-            f = _update(geom, src, dst, g, eps)
+    # The target temperature: first on the coarse level when there is one (cheap; solved to tol / COARSE_TOL_FACTOR),
+    # then on the points. The self problem carries f from level to level, the cross problem g (f follows from g).
+    stages = [(src, dst)]
+    if cold or schedule:
+        coarse = (_level(src, geom, eps), dst if symmetric else _level(dst, geom, eps))
+        if coarse[0] is not src and (symmetric or coarse[1] is not dst):
+            stages.insert(0, coarse)
+    for k, (rows, cols) in enumerate(stages):
+        if symmetric and f_on is not rows:
+            f = _update(geom, rows, f_on, f, eps)
+        elif not symmetric and g_on is not cols:
+            g, g_on = _update(geom, cols, f_on, f, eps), cols
+        last = k == len(stages) - 1
+        f, g, err, it = _iterate(geom, rows, None if symmetric else cols, f, g, tol if last else tol / COARSE_TOL_FACTOR, max_iter)
+        f_on = rows
     converged = err < tol
     if not converged:
         warnings.warn(
