@@ -14,7 +14,8 @@ its iterations (cross + self) and marginal error; beside it GeomLoss's multiscal
 value + gradient and ``gl_rel_diff`` = max |-N grad - V| / max |V|.
 
     python benchmarks/bench_flow.py --sizes 10000 100000
-    python benchmarks/bench_flow.py --sizes 1000000 --plans one_sided --out benchmarks/results/bench_flow_1m.json
+    python benchmarks/bench_flow.py --sizes 1000000 --plans one_sided two_sided --out benchmarks/results/bench_flow_1m.json
+    python benchmarks/bench_flow.py --sizes 1000000 --plans sinkhorn --tol 1e-2 --out benchmarks/results/bench_flow_1m_sinkhorn.json
     python benchmarks/bench_flow.py --quick
 """
 

@@ -138,3 +138,20 @@ def test_coarse_to_fine_annealing_reaches_the_same_potentials(cost, symmetric):
     shift = float((runs["auto"].f - runs["dense"].f).mean())
     assert torch.allclose(runs["auto"].f - shift, runs["dense"].f, atol=1e-5 * eps)
     assert torch.allclose(runs["auto"].g + shift * (not symmetric), runs["dense"].g, atol=1e-5 * eps)
+
+
+def test_coarse_solve_at_the_target_temperature_leaves_few_fine_iterations():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3000, 2, generator=g, dtype=torch.float64)
+    y = torch.rand(2500, 2, generator=g, dtype=torch.float64) ** 2
+    comm = Comm()
+    src, dst = Cloud.split(x, comm), Cloud.split(y, comm)
+    runs = {}
+    for name in ("auto", "dense"):  # "auto" solves eps = 0.01 first on 400 grid cells per cloud; "dense" has no levels
+        geom = Geometry(0.01, "sqeuclidean", driftops.backends.get_backend(name), comm)
+        assert plans._level(src, geom, 0.01).full.shape[0] == (400 if name == "auto" else 3000)
+        runs[name] = sinkhorn(src, dst, geom, tol=1e-3, max_iter=5000)
+        assert runs[name].converged
+    assert runs["auto"].iterations * 5 <= runs["dense"].iterations
+    rows, cols = marginal_errors(x, y, runs["auto"], 0.01)
+    assert rows < 1e-10 and cols < 1e-3
