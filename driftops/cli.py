@@ -27,9 +27,9 @@ from .plans import PLANS
 BENCHMARKS = ("drift", "sparse", "flow")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 # Default demo: Gaussian noise to the checkerboard (`driftops flow` without arguments). At eps = 0.01 the
-# checkerboard's squares touch only at their corners, so Sinkhorn balances mass between them slowly (hundreds to thousands of
-# iterations per converged step at 20,000 points); capped at DEMO["max_iter"] per step, the potentials carried
-# over keep converging from step to step while the particles move.
+# checkerboard's squares touch only at their corners, so Sinkhorn balances mass between them slowly (hundreds to
+# thousands of iterations per converged step at 20,000 points); capped at DEMO["max_iter"] per step, the potentials
+# carried over keep converging from step to step while the particles move.
 DEMO = {"n": 20000, "eps": 0.01, "steps": 200, "step_size": 1.0, "tol": 1e-2, "max_iter": 2}
 
 
