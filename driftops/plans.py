@@ -159,8 +159,8 @@ def sinkhorn(
     marginal error is below ``tol`` or ``max_iter`` iterations were done, with
     over-relaxed g-updates. With the "auto" and "sparse" backends in D <= 3, annealing temperatures run on
     coarsened clouds (see ``LEVEL_CELLS``), and after an annealing the target temperature is first solved on the
-    coarsened clouds (to ``tol / COARSE_TOL_FACTOR``) when they shrink; ``iterations`` counts those on the points. The self problem uses the averaged symmetric update
-    ``f <- (f + T(f)) / 2``. The returned f always makes the row marginals exact.
+    coarsened clouds (to ``tol / COARSE_TOL_FACTOR``) when they shrink; ``iterations`` counts those on the points.
+    The self problem uses the averaged symmetric update ``f <- (f + T(f)) / 2``. The returned f always makes the row marginals exact.
     """
     eps = geom.eps
     symmetric = dst is None
