@@ -17,7 +17,8 @@ from .drift import DriftInfo, barycentric_map, drift, joint_drift
 from .divergence import sinkhorn_divergence
 from .errors import DivergenceError, DriftopsError
 from .flows import FlowResult, flow
-from .plans import PLANS, SinkhornResult
+from .plans import PLANS
+from .sinkhorn import Sinkhorn, SinkhornResult
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "flow",
     "FlowResult",
     "DriftInfo",
+    "Sinkhorn",
     "SinkhornResult",
     "PLANS",
     "DriftopsError",

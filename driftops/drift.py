@@ -18,7 +18,8 @@ from .checks import as_eps, as_points, as_weights, check_choice, check_finite, n
 from .costs import check_cost
 from .errors import DriftopsError
 from .parallel import Cloud, Comm
-from .plans import PLANS, Geometry, SinkhornResult, barycentric, column_logweights, sinkhorn
+from .plans import PLANS, Geometry, barycentric, column_logweights
+from .sinkhorn import Sinkhorn, SinkhornResult, as_solver, sinkhorn
 
 NAN_HINT = "the inputs are finite, so this is a numerical failure: use float64 or a larger eps"
 
@@ -82,10 +83,11 @@ def drift(
     cost: str = "sqeuclidean",
     mask_self: bool = True,
     backend="auto",
-    tol: float = 1e-3,
-    max_iter: int = 1000,
+    tol: float | None = None,
+    max_iter: int | None = None,
     group=None,
     *,
+    solver: Sinkhorn | None = None,
     x_weights=None,
     y_weights=None,
     warm_start: DriftInfo | None = None,
@@ -98,13 +100,15 @@ def drift(
     normalised to unit mean squared norm per dimension and summed.
     plan: ``"one_sided"``, ``"two_sided"`` or ``"sinkhorn"``; cost: ``"sqeuclidean"`` or
     ``"euclidean"``. mask_self: exclude i == j in the self term (one/two-sided only).
-    tol, max_iter: Sinkhorn stopping rule (L1 marginal error). x_weights, y_weights:
+    solver: a :class:`driftops.Sinkhorn` (default ``Sinkhorn()``: tol 1e-3, max_iter 1000); tol, max_iter:
+    shortcuts that replace the solver's stopping rule (L1 marginal error). x_weights, y_weights:
     optional non-negative multiplicities. group: torch.distributed group; each rank
     passes its slices and receives the drift of its slice of x. warm_start: a
     :class:`DriftInfo` from a previous call; return_info: also return one.
     """
     eps_list, comm, src, dst, be = _setup(x, y, eps, cost, backend, group, x_weights, y_weights)
     check_choice(plan, PLANS, "plan")
+    solver = as_solver(solver, tol, max_iter)
     mask = mask_self and plan != "sinkhorn"
     if mask:
         _check_self_mask(src, "the drift")
@@ -116,8 +120,8 @@ def drift(
         if plan == "sinkhorn":
             prev = warm_start.sinkhorn.get(e, (None, None)) if warm_start is not None else (None, None)
             with torch.no_grad():
-                cross = sinkhorn(src, dst, geom, tol, max_iter, warm_start=prev[0])
-                own = sinkhorn(src, None, geom, tol, max_iter, warm_start=prev[1])
+                cross = sinkhorn(src, dst, geom, solver, prev[0])
+                own = sinkhorn(src, None, geom, solver, prev[1])
             info.sinkhorn[e] = (cross, own)
         attract = barycentric(src, dst, geom, column_logweights(plan, src, dst, geom, False, cross), False)
         repel = barycentric(src, src, geom, column_logweights(plan, src, src, geom, mask, own), mask)
@@ -134,14 +138,17 @@ def barycentric_map(
     plan: str = "two_sided",
     cost: str = "sqeuclidean",
     backend="auto",
-    tol: float = 1e-3,
-    max_iter: int = 1000,
+    tol: float | None = None,
+    max_iter: int | None = None,
     group=None,
     *,
+    solver: Sinkhorn | None = None,
     x_weights=None,
     y_weights=None,
 ):
-    """Barycentric map ``T(x_i) = sum_j P_ij y_j`` of the plan from x (N, D) to y (M, D); shape (N, D)."""
+    """Barycentric map ``T(x_i) = sum_j P_ij y_j`` of the plan from x (N, D) to y (M, D); shape (N, D).
+
+    solver, tol, max_iter: as for :func:`drift` (``plan="sinkhorn"`` only)."""
     eps_list, comm, src, dst, be = _setup(x, y, eps, cost, backend, group, x_weights, y_weights)
     check_choice(plan, PLANS, "plan")
     if len(eps_list) != 1:
@@ -150,7 +157,7 @@ def barycentric_map(
     cross = None
     if plan == "sinkhorn":
         with torch.no_grad():
-            cross = sinkhorn(src, dst, geom, tol, max_iter)
+            cross = sinkhorn(src, dst, geom, as_solver(solver, tol, max_iter))
     t = barycentric(src, dst, geom, column_logweights(plan, src, dst, geom, False, cross), False)
     return check_finite(t, "the barycentric map", NAN_HINT)
 
