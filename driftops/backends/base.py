@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from .. import threads
+
 # A large finite logit penalty: KeOps returns NaN on -inf logits, so masked pairs get this instead.
 MASK_PENALTY = 1e30
 # Rows whose diagonal term holds more than this share of the row's mass are recomputed with an index
@@ -65,6 +67,10 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``log sum_j exp(logw_j - c(x_i, y_j)/eps)`` over unmasked j, shape (N,)."""
+        with threads.guard():
+            return self._lse(x, y, eps, cost, logw, self_offset)
+
+    def _lse(self, x, y, eps, cost, logw, self_offset) -> torch.Tensor:
         full = self.reduce_lse(x, y, eps, cost, logw, None)
         if self_offset is None:
             return full
@@ -84,6 +90,10 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``sum_j softmax_j(logw_j - c(x_i, y_j)/eps) values_j`` over unmasked j, shape (N, E)."""
+        with threads.guard():
+            return self._weighted_mean(x, y, eps, cost, values, logw, self_offset)
+
+    def _weighted_mean(self, x, y, eps, cost, values, logw, self_offset) -> torch.Tensor:
         if self_offset is None:
             return self.reduce_mean(x, y, eps, cost, values, logw, None)
         diag = _diagonal(x, self_offset)

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
-from pykeops.torch import LazyTensor
 
 from ..costs import cost_power
 from .base import MASK_PENALTY, Backend
+
+
+def _import_pykeops() -> None:
+    """Import pykeops without its "CUDA libraries not found" notice when torch sees no CUDA device (the
+    notice then says nothing new); every other line it prints passes through."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        import pykeops.torch  # noqa: F401
+    quiet = not torch.cuda.is_available()
+    for line in printed.getvalue().splitlines():
+        if not (quiet and "CUDA libraries not found" in line):
+            print(line)
+
+
+_import_pykeops()
+from pykeops.torch import LazyTensor  # noqa: E402
+
+# Indices enter KeOps formulas as floats of the inputs' dtype: split into two parts below 2^24 (exact in
+# float32) they stay exact up to 2^48 points.
+INDEX_BASE = 1 << 24
+
+
+def index_parts(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 2) exact float form of int64 indices (n,): ``[index // INDEX_BASE, index % INDEX_BASE]``."""
+    return torch.stack([index // INDEX_BASE, index % INDEX_BASE], 1).to(dtype)
 
 
 def keops_logits(
@@ -30,14 +57,14 @@ def keops_logits(
     # -1/eps enters as a parameter tensor: one compiled formula for every temperature (a Python -1.0 would be folded).
     scale = LazyTensor(torch.tensor([-1.0 / eps], dtype=x.dtype, device=x.device))
     s = (d2 if cost_power(cost) == 2 else d2.sqrt()) * scale
-    if logw is not None:
-        s = s + LazyTensor(logw.reshape(1, -1, 1))
+    # Log-weights are always a variable (zeros when absent): one compiled formula for weighted and plain sums.
+    lw = logw if logw is not None else torch.zeros(y.shape[0], dtype=x.dtype, device=x.device)
+    s = s + LazyTensor(lw.reshape(1, -1, 1))
     if diag is not None:
-        # Indices are exact in float32 below 2^24.
         jj = y_index if y_index is not None else torch.arange(y.shape[0], device=x.device)
-        i_f = LazyTensor(diag.to(x.dtype).reshape(-1, 1, 1))
-        j_f = LazyTensor(jj.to(x.dtype).reshape(1, -1, 1))
-        s = s - (0.5 - (i_f - j_f).abs()).step() * MASK_PENALTY
+        i_f = LazyTensor(index_parts(diag, x.dtype)[:, None, :])
+        j_f = LazyTensor(index_parts(jj, x.dtype)[None, :, :])
+        s = s - (0.5 - (i_f - j_f).abs().sum()).step() * MASK_PENALTY
     return s
 
 
