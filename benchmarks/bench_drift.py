@@ -29,12 +29,11 @@ import statistics
 import sys
 import time
 
+import driftops  # before torch, as the driftops command does (see driftops.threads)
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ENVIRONMENTS, load, machine_info, measure, print_machine, print_table, run_script, save  # noqa: E402
-
-import driftops  # noqa: E402
 from driftops.data import sample_toy  # noqa: E402
 
 

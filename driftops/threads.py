@@ -14,10 +14,17 @@ their core back.
 So, at ``import driftops`` (when torch is not imported yet, and the user set neither
 ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``), driftops imports torch with
 ``OMP_WAIT_POLICY=PASSIVE`` in the environment and restores the environment right after:
-subprocesses see the user's settings; the policy lives in this process's runtime. The number of
-threads is left alone (torch's default, one per usable core, also used by KeOps since the runtime
-is shared), so a larger machine still uses all its cores; :func:`set_threads` overrides it for
-driftops's own calls only, restoring the caller's setting after each call.
+subprocesses see the user's settings; the policy lives in this process's runtime.
+
+When torch was imported first (the runtime already spins), driftops's reductions run on one
+long-lived thread of their own instead of the caller's. That thread gets its own OpenMP team, so the
+runtime manages more threads than there are cores, and libgomp then spins at most 100 times before
+sleeping (GOMP_SPINCOUNT's documented throttle) for every wait, the caller's team included.
+
+The number of threads is left alone (torch's count, one per usable core, which KeOps shares
+since the runtime is shared; the reduction thread is given the caller's count), so a larger
+machine still uses all its cores; :func:`set_threads` overrides it for driftops's reductions only,
+restoring the caller's setting after each call.
 """
 
 from __future__ import annotations
@@ -25,15 +32,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
 import sys
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from .errors import DriftopsError
 
 # Variables that already choose libgomp's waiting behaviour: when one is set, driftops leaves it alone.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,11 +52,13 @@ class ThreadSettings:
     """What driftops did to the OpenMP runtime.
 
     wait_policy: the policy driftops set at torch's import ("PASSIVE"), or None when it could not
-    (torch was imported first) or should not (the user chose one); threads: the thread count of
-    driftops's calls, or None for torch's current setting.
+    (torch was imported first) or should not (the user chose one); own_thread: reductions run on a
+    thread of their own (torch was imported first and the user chose no policy); threads: the thread
+    count of driftops's calls, or None for torch's current setting.
     """
 
     wait_policy: str | None = None
+    own_thread: bool = False
     threads: int | None = None
 
 
@@ -55,9 +68,12 @@ _settings = ThreadSettings()
 def import_torch() -> None:
     """Import torch with the passive wait policy for its OpenMP runtime (see the module docstring)."""
     global _settings
-    if "torch" in sys.modules or any(v in os.environ for v in WAIT_VARIABLES):
+    if any(v in os.environ for v in WAIT_VARIABLES):
         import torch  # noqa: F401
 
+        return
+    if "torch" in sys.modules:
+        _settings = replace(_settings, own_thread=True)
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
@@ -73,7 +89,7 @@ def settings() -> dict:
     import torch
 
     runtimes = {Path(lib._name).name: lib.omp_get_max_threads() for lib in openmp_runtimes()}
-    return {"wait_policy": _settings.wait_policy, "threads": _settings.threads, "torch_threads": torch.get_num_threads(), "openmp_max_threads": runtimes}
+    return {"wait_policy": _settings.wait_policy, "own_thread": _settings.own_thread, "threads": _settings.threads, "torch_threads": torch.get_num_threads(), "openmp_max_threads": runtimes}
 
 
 def openmp_runtimes() -> list[ctypes.CDLL]:
@@ -101,11 +117,32 @@ def set_threads(n: int | None) -> None:
     _settings = replace(_settings, threads=n)
 
 
+def call(fn: Callable[[], T]) -> T:
+    """``fn()`` (a reduction) under driftops's thread settings: with the count of :func:`set_threads` when one is
+    set, on the reduction thread when the runtime could not be made passive (module docstring); the caller's
+    thread counts are unchanged afterwards."""
+    if not _settings.own_thread or threading.current_thread() is _ReductionThread.current:
+        with _count(_settings.threads):
+            return fn()
+    import torch
+
+    n = _settings.threads or torch.get_num_threads()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def job() -> T:
+        torch.get_num_threads()  # torch sets its count on a thread's first use: do it before ours
+        for lib in openmp_runtimes():
+            lib.omp_set_num_threads(n)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn()
+
+    return _ReductionThread.get().run_job(job)
+
+
 @contextlib.contextmanager
-def guard() -> Iterator[None]:
-    """Within the block, use the thread count of :func:`set_threads` (when one is set) for torch and for
-    every ``libgomp.so.1`` runtime; afterwards restore the caller's counts."""
-    n = _settings.threads
+def _count(n: int | None) -> Iterator[None]:
+    """Within the block, ``n`` threads (None: unchanged) for torch and every ``libgomp.so.1`` runtime on this
+    thread; afterwards the previous counts."""
     if n is None:
         yield
         return
@@ -122,3 +159,38 @@ def guard() -> Iterator[None]:
         torch.set_num_threads(before)
         for lib, count in runtimes:
             lib.omp_set_num_threads(count)
+
+
+class _ReductionThread(threading.Thread):
+    """The long-lived daemon thread reductions run on (one per process; a forked child starts its own)."""
+
+    current: "_ReductionThread | None" = None
+
+    def __init__(self) -> None:
+        super().__init__(name="driftops-reductions", daemon=True)
+        self.pid = os.getpid()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.start()
+
+    @classmethod
+    def get(cls) -> "_ReductionThread":
+        if cls.current is None or cls.current.pid != os.getpid():
+            import torch
+
+            # The caller's OpenMP team must exist for the runtime to count both teams: a small parallel torch op.
+            torch.ones(1 << 17).add_(1)
+            cls.current = cls()
+        return cls.current
+
+    def run_job(self, fn: Callable[[], T]) -> T:
+        future: Future = Future()
+        self.jobs.put((fn, future))
+        return future.result()
+
+    def run(self) -> None:  # the thread's body
+        while True:
+            fn, future = self.jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # handed to the caller
+                future.set_exception(err)

@@ -67,8 +67,7 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``log sum_j exp(logw_j - c(x_i, y_j)/eps)`` over unmasked j, shape (N,)."""
-        with threads.guard():
-            return self._lse(x, y, eps, cost, logw, self_offset)
+        return threads.call(lambda: self._lse(x, y, eps, cost, logw, self_offset))
 
     def _lse(self, x, y, eps, cost, logw, self_offset) -> torch.Tensor:
         full = self.reduce_lse(x, y, eps, cost, logw, None)
@@ -90,8 +89,7 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``sum_j softmax_j(logw_j - c(x_i, y_j)/eps) values_j`` over unmasked j, shape (N, E)."""
-        with threads.guard():
-            return self._weighted_mean(x, y, eps, cost, values, logw, self_offset)
+        return threads.call(lambda: self._weighted_mean(x, y, eps, cost, values, logw, self_offset))
 
     def _weighted_mean(self, x, y, eps, cost, values, logw, self_offset) -> torch.Tensor:
         if self_offset is None:
