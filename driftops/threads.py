@@ -117,11 +117,12 @@ def set_threads(n: int | None) -> None:
     _settings = replace(_settings, threads=n)
 
 
-def call(fn: Callable[[], T]) -> T:
-    """``fn()`` (a reduction) under driftops's thread settings: with the count of :func:`set_threads` when one is
-    set, on the reduction thread when the runtime could not be made passive (module docstring); the caller's
-    thread counts are unchanged afterwards."""
-    if not _settings.own_thread or threading.current_thread() is _ReductionThread.current:
+def call(fn: Callable[[], T], cpu: bool = True) -> T:
+    """``fn()`` (a reduction; ``cpu``: of CPU tensors) under driftops's thread settings: with the count of
+    :func:`set_threads` when one is set, on the reduction thread when the runtime could not be made passive
+    (module docstring) and the tensors are on the CPU (GPU work stays on the caller's thread, whose current
+    device and stream it uses); the caller's thread counts are unchanged afterwards."""
+    if not (_settings.own_thread and cpu) or threading.current_thread() is _ReductionThread.current:
         with _count(_settings.threads):
             return fn()
     import torch

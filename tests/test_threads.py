@@ -14,8 +14,8 @@ import torch
 import driftops
 from driftops import threads
 from driftops.backends import AutoBackend, DenseBackend
-from driftops.backends.formulas import Formula, job_formulas
-from driftops.backends.keops import INDEX_BASE, KeOpsBackend, keops_logits
+from driftops.backends.formulas import job_formulas
+from driftops.backends.keops import INDEX_BASE, keops_logits
 from driftops.backends.sparse import cluster_ranges
 from driftops.costs import diameter
 

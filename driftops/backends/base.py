@@ -18,6 +18,8 @@ here, once for all of them: the unmasked sums are computed (a cheaper formula)
 and the diagonal term ``exp(logw_{i+k})`` is removed from them; rows whose
 diagonal term holds more than ``DIAGONAL_SHARE`` of their mass (isolated points,
 where the subtraction would cancel) are recomputed with the pair masked by index.
+``lse`` and ``weighted_mean`` run under :func:`driftops.threads.call` (thread counts, and the
+reduction thread when the OpenMP runtime could not be made to wait passively).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``log sum_j exp(logw_j - c(x_i, y_j)/eps)`` over unmasked j, shape (N,)."""
-        return threads.call(lambda: self._lse(x, y, eps, cost, logw, self_offset))
+        return threads.call(lambda: self._lse(x, y, eps, cost, logw, self_offset), x.device.type == "cpu")
 
     def _lse(self, x, y, eps, cost, logw, self_offset) -> torch.Tensor:
         full = self.reduce_lse(x, y, eps, cost, logw, None)
@@ -89,7 +91,7 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``sum_j softmax_j(logw_j - c(x_i, y_j)/eps) values_j`` over unmasked j, shape (N, E)."""
-        return threads.call(lambda: self._weighted_mean(x, y, eps, cost, values, logw, self_offset))
+        return threads.call(lambda: self._weighted_mean(x, y, eps, cost, values, logw, self_offset), x.device.type == "cpu")
 
     def _weighted_mean(self, x, y, eps, cost, values, logw, self_offset) -> torch.Tensor:
         if self_offset is None:

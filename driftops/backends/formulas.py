@@ -118,7 +118,8 @@ def _manifest(folder: Path) -> set[str]:
 
 def warmup(formulas: Iterable[Formula] | None = None, progress: bool = True) -> list[Formula]:
     """Compile ``formulas`` (default: every formula of 2D float32 CPU jobs) that the warm-up has not compiled on
-    this machine yet, announcing them in one line with a progress bar. Returns the formulas it ran."""
+    this machine yet, announcing them in one line (and a progress bar unless ``progress`` is False). Returns
+    the formulas it ran."""
     import pykeops
     from tqdm.auto import tqdm
 
@@ -128,8 +129,7 @@ def warmup(formulas: Iterable[Formula] | None = None, progress: bool = True) -> 
     todo = [f for f in dict.fromkeys(formulas) if json.dumps(asdict(f), sort_keys=True) not in done]
     if not todo:
         return []
-    if progress:
-        print(f"driftops: compiling {len(todo)} KeOps kernel{'s' * (len(todo) > 1)}, once per machine (cache: {folder})", flush=True)
+    print(f"driftops: compiling {len(todo)} KeOps kernel{'s' * (len(todo) > 1)}, once per machine (cache: {folder})", flush=True)
     verbose = pykeops.verbose
     pykeops.set_verbose(False)
     start = time.perf_counter()
@@ -140,6 +140,5 @@ def warmup(formulas: Iterable[Formula] | None = None, progress: bool = True) -> 
             (folder / MANIFEST).write_text(json.dumps(sorted(done), indent=1))
     finally:
         pykeops.set_verbose(verbose)
-    if progress:
-        print(f"driftops: compiled in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"driftops: compiled in {time.perf_counter() - start:.0f} s", flush=True)
     return todo
