@@ -166,3 +166,13 @@ def test_diameter_reduces_each_cloud():
     x, y = torch.tensor([[0.0, 1.0], [2.0, -1.0]]), torch.tensor([[-1.0, 0.5]])
     assert diameter(x, y) == pytest.approx(((3.0**2) + (2.0**2)) ** 0.5)
     assert diameter(x) == pytest.approx(8.0**0.5)
+
+
+def test_cli_warmup_and_train_device_default(capsys):
+    from driftops.cli import build_parser, main
+
+    assert build_parser().parse_args(["train"]).device == "auto"
+    assert build_parser().parse_args(["flow", "--threads", "1"]).threads == 1
+    if not torch.cuda.is_available():
+        assert main(["warmup", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
