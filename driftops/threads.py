@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import queue
 import sys
@@ -84,25 +85,29 @@ def import_torch() -> None:
 
 
 def settings() -> dict:
-    """The current settings, for logs and benchmark records: driftops's choices, torch's threads,
-    the OpenMP runtime's ``omp_get_max_threads`` and whether its wait policy is passive."""
+    """The current settings, for logs and benchmark records: driftops's choices (:class:`ThreadSettings`),
+    torch's thread count and each OpenMP runtime's ``omp_get_max_threads`` on this thread."""
     import torch
 
     runtimes = {Path(lib._name).name: lib.omp_get_max_threads() for lib in openmp_runtimes()}
-    return {"wait_policy": _settings.wait_policy, "own_thread": _settings.own_thread, "threads": _settings.threads, "torch_threads": torch.get_num_threads(), "openmp_max_threads": runtimes}
+    return {
+        "wait_policy": _settings.wait_policy, "own_thread": _settings.own_thread, "threads": _settings.threads,
+        "torch_threads": torch.get_num_threads(), "openmp_max_threads": runtimes,
+    }  # fmt: skip
 
 
-def openmp_runtimes() -> list[ctypes.CDLL]:
-    """The loaded GNU OpenMP runtimes with soname ``libgomp.so.1`` (the one KeOps's formulas link), as ctypes
-    handles: torch's, and the system's if another library loaded it. Vendored copies (``libgomp-<hash>``,
-    private to scikit-learn or POT) are not included."""
+@functools.cache
+def openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The GNU OpenMP runtimes with soname ``libgomp.so.1`` (the one KeOps's formulas link) loaded at the first
+    call (torch is imported by then), as ctypes handles: torch's, and the system's if another library loaded
+    it. Vendored copies (``libgomp-<hash>``, private to scikit-learn or POT) are not included."""
     paths = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/maps").read_text().splitlines():
             path = line.split(maxsplit=5)[-1]
             if Path(path).name.startswith("libgomp.so"):
                 paths.add(path)
-    return [ctypes.CDLL(p) for p in sorted(paths)]
+    return tuple(ctypes.CDLL(p) for p in sorted(paths))
 
 
 def set_threads(n: int | None) -> None:
