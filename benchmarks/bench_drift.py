@@ -29,10 +29,10 @@ import statistics
 import sys
 import time
 
-import driftops  # before torch, as the driftops command does (see driftops.threads)
-import torch
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+import driftops  # noqa: E402  (this checkout's; before torch, as the driftops command does: see driftops.threads)
+import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ENVIRONMENTS, load, machine_info, measure, print_machine, print_table, run_script, save  # noqa: E402
 from driftops.data import sample_toy  # noqa: E402
 
@@ -175,10 +175,11 @@ def main() -> None:
     machine = machine_info()
     print_machine(machine)
     measure(case_drift(256, "two_sided", args.eps, "keops"))  # compile outside the timings
-    rows = [] if args.no_loads else load_table(args)
+    load_rows = [] if args.no_loads else load_table(args)
     if args.loads_only:
-        save(args.out, rows, vars(args), machine | {"loadavg_after": os.getloadavg()})
+        save(args.out, load_rows, vars(args), machine | {"loadavg_after": os.getloadavg()})
         return
+    rows = []
 
     for n in args.sizes:
         for plan in ("one_sided", "two_sided"):
@@ -213,7 +214,7 @@ def main() -> None:
                 print_table([srows[-1]], list(srows[-1]))
     print()
     print_table(srows, ["N", "eps", "impl", "seconds", "iterations", "marginal_error", "peak_mib", "error"])
-    save(args.out, rows + srows, vars(args), machine | {"loadavg_after": os.getloadavg()})
+    save(args.out, load_rows + rows + srows, vars(args), machine | {"loadavg_after": os.getloadavg()})
 
 
 if __name__ == "__main__":
