@@ -24,7 +24,7 @@ def _import_pykeops() -> None:
 
 
 _import_pykeops()
-from pykeops.torch import LazyTensor  # noqa: E402
+from pykeops.torch import LazyTensor, Vi, Vj  # noqa: E402
 
 # Indices enter KeOps formulas as floats of the inputs' dtype: split into two parts below 2^24 (exact in
 # float32) they stay exact up to 2^48 points.
@@ -51,19 +51,19 @@ def keops_logits(
     numbering of ``y_index`` (M,), the original row numbers of y's points when they were permuted
     (the block-sparse backend sorts them); by default column j is point j.
     """
-    x_i = LazyTensor(x[:, None, :])
-    y_j = LazyTensor(y[None, :, :])
+    # Vi / Vj mark per-point variables even for a single row or column (a (1, 1, D) LazyTensor would be taken
+    # for a parameter: another compiled formula).
+    x_i, y_j = Vi(x), Vj(y)
     d2 = x_i.sqdist(y_j)
     # -1/eps enters as a parameter tensor: one compiled formula for every temperature (a Python -1.0 would be folded).
     scale = LazyTensor(torch.tensor([-1.0 / eps], dtype=x.dtype, device=x.device))
     s = (d2 if cost_power(cost) == 2 else d2.sqrt()) * scale
     # Log-weights are always a variable (zeros when absent): one compiled formula for weighted and plain sums.
     lw = logw if logw is not None else torch.zeros(y.shape[0], dtype=x.dtype, device=x.device)
-    s = s + LazyTensor(lw.reshape(1, -1, 1))
+    s = s + Vj(lw.reshape(-1, 1))
     if diag is not None:
         jj = y_index if y_index is not None else torch.arange(y.shape[0], device=x.device)
-        i_f = LazyTensor(index_parts(diag, x.dtype)[:, None, :])
-        j_f = LazyTensor(index_parts(jj, x.dtype)[None, :, :])
+        i_f, j_f = Vi(index_parts(diag, x.dtype)), Vj(index_parts(jj, x.dtype))
         s = s - (0.5 - (i_f - j_f).abs().sum()).step() * MASK_PENALTY
     return s
 
@@ -74,7 +74,7 @@ def lse_and_mean(s: LazyTensor, values: torch.Tensor) -> tuple[torch.Tensor, tor
     The same compiled formula as ``sumsoftmaxweight`` (whose weights are also ``[1, values]``), which
     keeps only the ratio: here the row maximum and normaliser are read too.
     """
-    weights = LazyTensor(1).concat(LazyTensor(values[None, :, :]))
+    weights = LazyTensor(1).concat(Vj(values))
     out = s.reduction("Max_SumShiftExpWeight", other=weights, dim=1)
     return out[:, 0] + out[:, 1].log(), out[:, 2:] / out[:, 1:2]
 
@@ -88,7 +88,7 @@ class KeOpsBackend(Backend):
         return keops_logits(x, y, eps, cost, logw, diag).logsumexp(dim=1).reshape(-1)
 
     def reduce_mean(self, x, y, eps, cost, values, logw, diag):
-        return keops_logits(x, y, eps, cost, logw, diag).sumsoftmaxweight(LazyTensor(values[None, :, :]), dim=1)
+        return keops_logits(x, y, eps, cost, logw, diag).sumsoftmaxweight(Vj(values), dim=1)
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
         return lse_and_mean(keops_logits(x, y, eps, cost, logw, None), values.detach())

@@ -34,7 +34,7 @@ import torch
 from ..costs import cost_power
 from ..errors import DriftopsError
 from .base import Backend
-from .keops import LazyTensor, keops_logits, lse_and_mean
+from .keops import LazyTensor, Vj, keops_logits, lse_and_mean
 
 # Cell-size rule: cells of side truncation_radius / CELLS_PER_RADIUS, grown by CELL_GROWTH until a cluster holds
 # MIN_MEAN_POINTS points on average and a cloud has at most MAX_CLUSTERS clusters. Smaller cells keep fewer pairs,
@@ -437,7 +437,7 @@ class SparseBackend(Backend):
         """``sum_j softmax_j(S_ij) values_j`` over kept j != diag_i, values (M, E) -> (N, E), original order."""
         s, cx, cy = self._logits(x, y, eps, cost, logw, diag)
         v = values.detach()[cy.perm].contiguous()
-        return self._unsort(s.sumsoftmaxweight(LazyTensor(v[None, :, :]), dim=1), cx)
+        return self._unsort(s.sumsoftmaxweight(Vj(v), dim=1), cx)
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
         """``reduce_lse`` and ``reduce_mean`` (no mask) from one block-sparse reduction, original order."""
