@@ -1,7 +1,12 @@
 """Drift evaluation speed: driftops (KeOps, lazy) beside a lean dense torch version, in one run.
 
-For N = M in 2D (Gaussian noise vs checkerboard), each plan: seconds of one drift
-evaluation with ``backend="auto"`` (block-sparse in 2D, truncated at exp(-20)) and
+The load table (run first, the headline): N = M = 8192 in 2D (Gaussian noise vs checkerboard), eps 0.1,
+one- and two-sided drift with ``backend="auto"`` and the lean dense torch drift timed in the same process
+(best and median of ``--repeat`` calls after a warm-up call), each in a fresh subprocess under three
+environments (``default``: no OpenMP variable set, as in a fresh shell; ``passive``: OMP_WAIT_POLICY=PASSIVE;
+``omp1``: OMP_NUM_THREADS=1) and three loads (``idle``; ``busy``: another process spinning on one core;
+``pair``: two copies of the case at once, both reported). Then, unless ``--loads-only``: for N = M in 2D
+and each plan, seconds of one drift evaluation with ``backend="auto"`` (block-sparse in 2D, truncated at exp(-20)) and
 ``backend="keops"`` (every pair visited), peak memory, pair evaluations per second
 (N x N per reduction, also for the truncated path) and the dense/driftops ratio; the
 dense version is skipped (and reported) where its N x M matrices would not fit in memory. The
@@ -9,24 +14,26 @@ Sinkhorn part reports the time driftops needs to reach the marginal tolerance
 beside the time of the usual fixed 20 alternating normalisations (dense) and
 their marginal error, and GeomLoss's gradient time.
 
-    python benchmarks/bench_drift.py                 # full table (about 15 minutes)
-    python benchmarks/bench_drift.py --quick         # small sizes, a minute
+    python benchmarks/bench_drift.py --loads-only    # the load table alone (about 4 minutes on 2 cores)
+    python benchmarks/bench_drift.py                 # everything (about 20 minutes)
+    python benchmarks/bench_drift.py --quick         # small sizes, a few minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import json
 import os
+import statistics
 import sys
 import time
 
-import torch
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+import driftops  # noqa: E402  (this checkout's; before torch, as the driftops command does: see driftops.threads)
+import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import measure, print_table, save  # noqa: E402
-
-import driftops  # noqa: E402
+from common import ENVIRONMENTS, load, machine_info, measure, print_machine, print_table, run_script, save  # noqa: E402
 from driftops.data import sample_toy  # noqa: E402
 
 
@@ -79,6 +86,49 @@ def case_drift(n, plan, eps, impl):
     return run
 
 
+def child_drift(payload: dict) -> dict:
+    """One load-table case in this process: best and median seconds of each implementation, and the ratio."""
+    n, plan, eps, repeat = payload["n"], payload["plan"], payload["eps"], payload["repeat"]
+    x, y = clouds(n)
+    out = {}
+    with torch.no_grad():
+        for impl in payload["impls"]:
+            if impl == "dense":
+                evaluate = lambda a, b: dense_map(a, b, eps, plan, False) - dense_map(a, a, eps, plan, True)  # noqa: E731
+            else:
+                evaluate = lambda a, b: driftops.drift(a, b, eps, plan=plan, backend=impl)  # noqa: E731
+            evaluate(x[:2048], y[:2048])
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                evaluate(x, y)
+                times.append(time.perf_counter() - start)
+            out[f"{impl}_best"], out[f"{impl}_median"] = min(times), statistics.median(times)
+    return out
+
+
+def load_table(args) -> list[dict]:
+    """The headline table: every (load, environment, plan) in subprocesses (see the module docstring)."""
+    rows = []
+    impls = [args.impl, "dense"]
+    for scenario in args.loads:
+        for env in args.envs:
+            for plan in args.plans:
+                payload = {"n": args.load_n, "plan": plan, "eps": args.eps, "impls": impls, "repeat": args.repeat}
+                with load(scenario) as copies:
+                    results = run_script(__file__, payload, env, copies)
+                for k, r in enumerate(results):
+                    row = {"load": scenario if copies == 1 else f"{scenario}#{k + 1}", "env": env, "plan": plan, "N": args.load_n, **r}
+                    if "dense_best" in r and f"{args.impl}_best" in r:
+                        row["x_dense"] = r["dense_best"] / r[f"{args.impl}_best"]
+                    rows.append(row)
+                    print_table([row], list(row))
+    print()
+    a = args.impl
+    print_table(rows, ["load", "env", "plan", "N", f"{a}_best", f"{a}_median", "dense_best", "dense_median", "x_dense", "error"])
+    return rows
+
+
 def case_sinkhorn(n, eps, impl, tol):
     def run():
         x, y = clouds(n)
@@ -98,21 +148,39 @@ def case_sinkhorn(n, eps, impl, tol):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loads", nargs="+", default=["idle", "busy", "pair"], choices=["idle", "busy", "pair"])
+    p.add_argument("--envs", nargs="+", default=list(ENVIRONMENTS), choices=list(ENVIRONMENTS))
+    p.add_argument("--plans", nargs="+", default=["one_sided", "two_sided"], help="plans of the load table")
+    p.add_argument("--load-n", type=int, default=8192, help="N = M of the load table")
+    p.add_argument("--impl", default="auto", help="driftops backend of the load table")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per case of the load table (best and median)")
+    p.add_argument("--loads-only", action="store_true", help="only the load table")
+    p.add_argument("--no-loads", action="store_true", help="skip the load table")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 65536])
-    p.add_argument("--eps", type=float, default=0.1, help="temperature of the one/two-sided table")
+    p.add_argument("--eps", type=float, default=0.1, help="temperature of the one/two-sided tables")
     p.add_argument("--sinkhorn-sizes", type=int, nargs="+", default=[8192])
     p.add_argument("--sinkhorn-eps", type=float, nargs="+", default=[0.1, 0.01])
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--sinkhorn-impls", nargs="+", default=["driftops-auto", "driftops-keops", "dense-20", "geomloss"])
-    p.add_argument("--quick", action="store_true", help="sizes 1024 and 4096 only, Sinkhorn at 2048")
+    p.add_argument("--quick", action="store_true", help="sizes 1024 and 4096 only, Sinkhorn at 2048, load table at 4096")
     p.add_argument("--out", default="bench_drift")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child:
+        print(json.dumps(child_drift(json.loads(args.child))))
+        return
     if args.quick:
-        args.sizes, args.sinkhorn_sizes = [1024, 4096], [2048]
+        args.sizes, args.sinkhorn_sizes, args.load_n = [1024, 4096], [2048], 4096
     torch.manual_seed(0)
+    machine = machine_info()
+    print_machine(machine)
     measure(case_drift(256, "two_sided", args.eps, "keops"))  # compile outside the timings
-
+    load_rows = [] if args.no_loads else load_table(args)
+    if args.loads_only:
+        save(args.out, load_rows, vars(args), machine | {"loadavg_after": os.getloadavg()})
+        return
     rows = []
+
     for n in args.sizes:
         for plan in ("one_sided", "two_sided"):
             pairs = (2 if plan == "one_sided" else 4) * n * n  # pair evaluations: 2 or 4 reductions over N x N
@@ -146,7 +214,7 @@ def main() -> None:
                 print_table([srows[-1]], list(srows[-1]))
     print()
     print_table(srows, ["N", "eps", "impl", "seconds", "iterations", "marginal_error", "peak_mib", "error"])
-    save(args.out, rows + srows, vars(args))
+    save(args.out, load_rows + rows + srows, vars(args), machine | {"loadavg_after": os.getloadavg()})
 
 
 if __name__ == "__main__":

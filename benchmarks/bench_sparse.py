@@ -30,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import machine_info, print_machine  # noqa: E402
 
 
 def checkerboard(n: int, seed: int = 1) -> torch.Tensor:
@@ -123,6 +125,8 @@ def main() -> None:
     if args.quick:
         args.sizes, args.eps, args.thr = [8192], [0.01], [10.0, 20.0]
 
+    machine = machine_info()
+    print_machine(machine)
     header = (f"{'N':>7} {'eps':>5} {'thr':>4} | {'keops lse':>9} {'sparse':>7} {'x':>5} | {'keops wm':>9} "
               f"{'sparse':>7} {'x':>5} | {'blocks':>6} {'pairs':>6} | {'err lse':>8} {'err wm':>8} | {'MiB k/s':>9}")
     print(header)
@@ -156,8 +160,7 @@ def main() -> None:
                           f"{row['speedup_mean']:>5.1f} | {row['kept_blocks']:>6.3f} {row['kept_pairs']:>6.3f} | "
                           f"{e_lse:>8.1e} {e_mean:>8.1e} | {ref['maxrss_mib']:>4.0f}/{sp['maxrss_mib']:<4.0f}",
                           flush=True)
-    meta = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg(), "note": "keops time scaled by N/ref_rows when ref_rows < N"}
+    meta = {"machine": machine, "load_average_after": os.getloadavg(), "note": "keops time scaled by N/ref_rows when ref_rows < N"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {args.out}")

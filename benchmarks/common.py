@@ -1,18 +1,111 @@
-"""Shared benchmark plumbing: run each case in a fresh process, record seconds and peak memory, print and save."""
+"""Shared benchmark plumbing: run each case in a fresh process (optionally under another environment and beside
+other load), record seconds and peak memory and the machine's thread settings, print and save."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+# Environment variables that change how the OpenMP / BLAS thread pools behave.
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_DYNAMIC", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+              "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KEOPS_CACHE_FOLDER", "DRIFTOPS_THREADS")
+# Named environments for subprocess runs: "default" is a fresh shell (none of THREAD_ENV's OpenMP variables set).
+ENVIRONMENTS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "omp1": {"OMP_NUM_THREADS": "1"}}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """CPU model, core counts, load, torch / OpenMP thread settings and the thread-related environment."""
+    from threadpoolctl import threadpool_info
+
+    import driftops
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "loadavg": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "driftops_threads": driftops.threads.settings(),
+        "threadpools": [{k: p.get(k) for k in ("user_api", "internal_api", "num_threads", "filepath")} for p in threadpool_info()],
+        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+    }
+
+
+def print_machine(info: dict) -> None:
+    """One paragraph describing the machine and its thread settings."""
+    pools = ", ".join(f"{p['internal_api']} x{p['num_threads']} ({Path(p['filepath']).name})" for p in info["threadpools"])
+    load = " ".join(f"{v:.2f}" for v in info["loadavg"])
+    print(f"# {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), load {load}; torch {info['torch']} "
+          f"threads {info['torch_threads']}/{info['torch_interop_threads']}; driftops {info['driftops_threads']}; "
+          f"pools: {pools}; env: {info['env'] or 'none set'}")
+
+
+def child_env(name: str) -> dict:
+    """The environment of a subprocess run under ``ENVIRONMENTS[name]`` (OpenMP variables otherwise unset)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env | ENVIRONMENTS[name]
+
+
+def run_script(script: str, payload: dict, env: str = "default", copies: int = 1) -> list[dict]:
+    """Run ``python script --child JSON`` in ``copies`` simultaneous processes under environment ``env``; each
+    prints one JSON dict as its last stdout line. Returns their dicts (``{"error": ...}`` on failure)."""
+    cmd = [sys.executable, script, "--child", json.dumps(payload)]
+    procs = [subprocess.Popen(cmd, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(copies)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate()
+        lines = stdout.strip().splitlines()
+        try:
+            out.append(json.loads(lines[-1]))
+        except (IndexError, json.JSONDecodeError):
+            out.append({"error": (stderr.strip().splitlines() or ["no output"])[-1][:200]})
+    return out
+
+
+@contextlib.contextmanager
+def load(kind: str) -> Iterator[int]:
+    """A load scenario: ``"idle"`` (nothing added), ``"busy"`` (one process spinning on one core for the
+    duration) or ``"pair"`` (nothing added here: the caller runs two copies at once). Yields the copy count."""
+    spinner = None
+    if kind == "busy":
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)
+    try:
+        yield 2 if kind == "pair" else 1
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
 
 
 def _child(fn: Callable[[], dict], queue) -> None:
@@ -28,7 +121,7 @@ def _child(fn: Callable[[], dict], queue) -> None:
 
 
 def measure(fn: Callable[[], dict]) -> dict:
-    """Run ``fn`` in a fresh process; return its dict plus ``seconds`` and ``peak_mib`` (RSS growth)."""
+    """Run ``fn`` in a forked process; return its dict plus ``seconds`` and ``peak_mib`` (RSS growth)."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, queue))
@@ -51,11 +144,11 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def save(name: str, rows: list[dict], args: dict) -> Path:
+def save(name: str, rows: list[dict], args: dict, machine: dict | None = None) -> Path:
     """Write rows with the machine description and arguments to ``benchmarks/results/<name>.json``."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "args": args}
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = {"machine": machine or machine_info(), "args": args}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     print(f"wrote {path}")
     return path

@@ -9,16 +9,24 @@ Public API::
     w2sq = driftops.metrics.w2(x, y)
 
 Submodules: ``data`` (toy samplers, digits, loaders), ``metrics``, ``models``,
-``viz`` (figures), ``train`` (generator trainers), ``backends``.
+``viz`` (figures), ``train`` (generator trainers), ``backends``, ``threads``.
+Threads and compilation: ``driftops.set_threads(n)``, ``driftops.warmup()``.
 """
 
-from . import data, metrics, models
-from .drift import DriftInfo, barycentric_map, drift, joint_drift
-from .divergence import sinkhorn_divergence
-from .errors import DivergenceError, DriftopsError
-from .flows import FlowResult, flow
-from .plans import PLANS
-from .sinkhorn import Sinkhorn, SinkhornResult
+from . import threads
+
+threads.import_torch()  # first: torch's OpenMP runtime reads its wait policy when it loads (see driftops.threads)
+
+from . import backends  # noqa: E402  (before geomloss: pykeops is imported quietly there)
+from . import data, metrics, models  # noqa: E402
+from .backends.formulas import warmup  # noqa: E402
+from .drift import DriftInfo, barycentric_map, drift, joint_drift  # noqa: E402
+from .divergence import sinkhorn_divergence  # noqa: E402
+from .errors import DivergenceError, DriftopsError  # noqa: E402
+from .flows import FlowResult, flow  # noqa: E402
+from .plans import PLANS  # noqa: E402
+from .sinkhorn import Sinkhorn, SinkhornResult  # noqa: E402
+from .threads import set_threads  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,4 +46,6 @@ __all__ = [
     "PLANS",
     "DriftopsError",
     "DivergenceError",
+    "set_threads",
+    "warmup",
 ]

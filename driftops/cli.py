@@ -1,4 +1,4 @@
-"""The ``driftops`` command: ``flow``, ``bench``, ``train`` and ``eval`` subcommands.
+"""The ``driftops`` command: ``flow``, ``bench``, ``train``, ``eval`` and ``warmup`` subcommands.
 
 Bad arguments print one line ``driftops <cmd>: error: ...`` and exit with status 2.
 """
@@ -92,6 +92,7 @@ def _add_flow(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the source, the target and the metric subsets")
+    p.add_argument("--threads", type=positive_int, default=None, help="threads of the reductions (default: one per usable core)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run_flow)
 
@@ -99,12 +100,12 @@ def _add_flow(sub) -> None:
 def run_flow(args: argparse.Namespace) -> int:
     """Run ``driftops flow`` with parsed arguments; returns the exit status."""
     from . import viz
+    from .backends.formulas import job_formulas, warmup
     from .data import load_target
     from .flows import flow
+    from .threads import set_threads
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DriftopsError("--device cuda was asked but no CUDA device is available; pass --device cpu or auto")
+    device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     y = load_target(args.target, args.n, seed=args.seed)[0].to(device=device, dtype=dtype)
     if args.source == "gaussian":
@@ -118,6 +119,8 @@ def run_flow(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "func"} | {"device": device, "version": __version__}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    set_threads(args.threads)
+    warmup(job_formulas(y.shape[1], dtype, args.cost, [args.plan], args.backend, device), progress=args.progress)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sinkhorn did not reach", RuntimeWarning)  # reported below
@@ -172,6 +175,47 @@ def run_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *extra])
 
 
+def _add_warmup(sub) -> None:
+    p = sub.add_parser(
+        "warmup",
+        help="compile the KeOps kernels a job needs (once per machine)",
+        description="Compile, once per machine, the KeOps kernels of jobs on D-dimensional clouds (listed in "
+        "driftops.backends.formulas), so that no compilation pauses a later run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dim", type=positive_int, nargs="+", default=[2], help="point dimensions")
+    p.add_argument("--dtype", choices=("float32", "float64"), nargs="+", default=["float32"])
+    p.add_argument("--cost", choices=COSTS, nargs="+", default=["sqeuclidean"])
+    p.add_argument("--plan", choices=PLANS, nargs="+", default=list(PLANS), help="plans (masked kernels for one/two-sided)")
+    p.add_argument("--backend", choices=[b for b in BACKENDS if b != "dense"], nargs="+", default=["auto"])
+    p.add_argument("--grad", action="store_true", help="also the kernels of differentiable drifts (dense-lazy in D <= 3)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=run_warmup)
+
+
+def run_warmup(args: argparse.Namespace) -> int:
+    """Run ``driftops warmup`` with parsed arguments; returns the exit status."""
+    from .backends.formulas import job_formulas, warmup
+
+    device = _device(args.device)
+    formulas = [
+        f for dim in args.dim for dtype in args.dtype for cost in args.cost for backend in args.backend for grad in {False, args.grad}
+        for f in job_formulas(dim, dtype, cost, args.plan, backend, device, grad)
+    ]  # fmt: skip
+    done = warmup(formulas)
+    print(f"{len(done)} KeOps kernels compiled, {len(set(formulas)) - len(done)} already there")
+    return 0
+
+
+def _device(name: str) -> str:
+    """"cpu" or "cuda" for a --device choice ("auto": cuda when available)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DriftopsError("--device cuda was asked but no CUDA device is available; pass --device cpu or auto")
+    return name
+
+
 def _add_training(sub) -> None:
     """Register ``train`` and ``eval`` from driftops.train.commands (or stubs explaining why they are unavailable)."""
     try:
@@ -186,6 +230,8 @@ def _add_training(sub) -> None:
         p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add(p)
         p.set_defaults(func=run)
+    train = sub.choices["train"]
+    train.set_defaults(device="auto", func=lambda args: run_train(argparse.Namespace(**{**vars(args), "device": _device(args.device)})))
 
 
 def _unavailable(reason: str) -> int:
@@ -196,10 +242,11 @@ def build_parser() -> Parser:
     """The ``driftops`` argument parser with all subcommands."""
     parser = Parser(prog="driftops", description="Drift fields, Sinkhorn flows and generator training for point clouds.")
     parser.add_argument("--version", action="version", version=f"driftops {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{flow,train,eval,bench}", parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{flow,train,eval,bench,warmup}", parser_class=Parser)
     _add_flow(sub)
     _add_training(sub)
     _add_bench(sub)
+    _add_warmup(sub)
     return parser
 
 

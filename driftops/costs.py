@@ -39,8 +39,10 @@ def dense_cost(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
 
 def diameter(*clouds: torch.Tensor) -> float:
     """Length of the diagonal of the bounding box of all points (an upper bound on any distance)."""
-    pts = torch.cat([c.detach().reshape(-1, c.shape[-1]) for c in clouds])
-    return float((pts.amax(0) - pts.amin(0)).norm())
+    flat = [c.detach().reshape(-1, c.shape[-1]) for c in clouds]
+    lo = torch.stack([c.amin(0) for c in flat]).amin(0)
+    hi = torch.stack([c.amax(0) for c in flat]).amax(0)
+    return float((hi - lo).norm())
 
 
 def max_cost(cost: str, *clouds: torch.Tensor) -> float:

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import sklearn.datasets
 import torch
-from sklearn.decomposition import PCA
 
 from .checks import check_choice
 from .errors import DriftopsError
@@ -53,6 +51,8 @@ def checkerboard(n: int, seed: Seed = 0) -> torch.Tensor:
 
 def moons(n: int, seed: Seed = 0) -> torch.Tensor:
     """scikit-learn two moons (noise 0.05), centred and scaled by 2.5; (n, 2)."""
+    import sklearn.datasets  # imported on first use (slow, own OpenMP runtime)
+
     pts, _ = sklearn.datasets.make_moons(n, noise=0.05, random_state=_sk_seed(_rng(seed)))
     return torch.as_tensor((pts - [0.5, 0.25]) * 2.5, dtype=torch.float32)
 
@@ -68,6 +68,8 @@ def spiral(n: int, seed: Seed = 0) -> torch.Tensor:
 
 def swiss_roll(n: int, seed: Seed = 0) -> torch.Tensor:
     """scikit-learn swiss roll (noise 0.5) projected on its (x, z) plane, centred, scaled by 1/3.6; (n, 2)."""
+    import sklearn.datasets  # imported on first use (slow, own OpenMP runtime)
+
     pts, _ = sklearn.datasets.make_swiss_roll(n, noise=0.5, random_state=_sk_seed(_rng(seed)))
     return torch.as_tensor((pts[:, [0, 2]] - [1.6, 1.5]) / 3.6, dtype=torch.float32)
 
@@ -131,6 +133,9 @@ def load_digits(latent_dim: int | None = None, seed: int = 0) -> ClassData:
     mean per-dimension variance is 1, keeping Euclidean geometry); ``decode`` inverts both and
     clips to [0, 1].
     """
+    import sklearn.datasets  # imported on first use (slow, own OpenMP runtime)
+    from sklearn.decomposition import PCA
+
     digits = sklearn.datasets.load_digits()
     pixels = digits.data.astype(np.float32) / 16.0
     labels = torch.as_tensor(digits.target, dtype=torch.int64)

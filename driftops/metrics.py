@@ -7,22 +7,20 @@ arrays; every metric returns Python floats.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import geomloss
 import numpy as np
-import ot
 import torch
 from pykeops.torch import LazyTensor
-from sklearn.model_selection import train_test_split
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
 from .checks import as_points
 from .costs import diameter, geomloss_params
 from .data import ClassData
 from .errors import DriftopsError
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 MAX_EXACT_POINTS = 10_000
 
@@ -61,6 +59,8 @@ def w2(x, y, x_weights=None, y_weights=None) -> float:
         )
     a, b = _weights(x_weights, n, "x_weights"), _weights(y_weights, m, "y_weights")
     x_np, y_np = x.cpu().numpy(), y.cpu().numpy()
+    import ot  # imported on first use: POT loads its own OpenMP runtime and takes a second to import
+
     cost, log = ot.emd2(a, b, ot.dist(x_np, y_np), numItermax=10_000_000, log=True)
     if log["warning"] is not None:
         raise DriftopsError(f"POT emd2 did not solve the transport problem ({log['warning']}); use sinkhorn_w2 instead")
@@ -136,6 +136,11 @@ def train_classifier(data: ClassData, test_fraction: float = 0.2, seed: int = 0)
     if len(data.classes) < 2:
         raise DriftopsError(f"a classifier needs at least 2 classes, got {data.classes}; pass a .npz with one array per class")
     x, labels = data.x.numpy(), data.labels.numpy()
+    from sklearn.model_selection import train_test_split  # imported on first use (slow, own OpenMP runtime)
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
     x_fit, x_test, l_fit, l_test = train_test_split(x, labels, test_size=test_fraction, stratify=labels, random_state=seed)
     model = make_pipeline(StandardScaler(), SVC(C=10.0)).fit(x_fit, l_fit)
     return Classifier(model, float(model.score(x_test, l_test)), list(data.classes))

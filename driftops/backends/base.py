@@ -18,6 +18,8 @@ here, once for all of them: the unmasked sums are computed (a cheaper formula)
 and the diagonal term ``exp(logw_{i+k})`` is removed from them; rows whose
 diagonal term holds more than ``DIAGONAL_SHARE`` of their mass (isolated points,
 where the subtraction would cancel) are recomputed with the pair masked by index.
+``lse`` and ``weighted_mean`` run under :func:`driftops.threads.call` (thread counts, and the
+reduction thread when the OpenMP runtime could not be made to wait passively).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
+
+from .. import threads
 
 # A large finite logit penalty: KeOps returns NaN on -inf logits, so masked pairs get this instead.
 MASK_PENALTY = 1e30
@@ -65,6 +69,9 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``log sum_j exp(logw_j - c(x_i, y_j)/eps)`` over unmasked j, shape (N,)."""
+        return threads.call(lambda: self._lse(x, y, eps, cost, logw, self_offset), x.device.type == "cpu")
+
+    def _lse(self, x, y, eps, cost, logw, self_offset) -> torch.Tensor:
         full = self.reduce_lse(x, y, eps, cost, logw, None)
         if self_offset is None:
             return full
@@ -84,6 +91,9 @@ class Backend(ABC):
         self_offset: int | None = None,
     ) -> torch.Tensor:
         """``sum_j softmax_j(logw_j - c(x_i, y_j)/eps) values_j`` over unmasked j, shape (N, E)."""
+        return threads.call(lambda: self._weighted_mean(x, y, eps, cost, values, logw, self_offset), x.device.type == "cpu")
+
+    def _weighted_mean(self, x, y, eps, cost, values, logw, self_offset) -> torch.Tensor:
         if self_offset is None:
             return self.reduce_mean(x, y, eps, cost, values, logw, None)
         diag = _diagonal(x, self_offset)

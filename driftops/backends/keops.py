@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
-from pykeops.torch import LazyTensor
 
 from ..costs import cost_power
 from .base import MASK_PENALTY, Backend
+
+
+def _import_pykeops() -> None:
+    """Import pykeops without its "CUDA libraries not found" notice when torch sees no CUDA device (the
+    notice then says nothing new); every other line it prints passes through."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        import pykeops.torch  # noqa: F401
+    quiet = not torch.cuda.is_available()
+    for line in printed.getvalue().splitlines():
+        if not (quiet and "CUDA libraries not found" in line):
+            print(line)
+
+
+_import_pykeops()
+from pykeops.torch import LazyTensor, Vi, Vj  # noqa: E402
+
+# Indices enter KeOps formulas as floats of the inputs' dtype: split into two parts below 2^24 (exact in
+# float32) they stay exact up to 2^48 points.
+INDEX_BASE = 1 << 24
+
+
+def index_parts(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 2) exact float form of int64 indices (n,): ``[index // INDEX_BASE, index % INDEX_BASE]``."""
+    return torch.stack([index // INDEX_BASE, index % INDEX_BASE], 1).to(dtype)
 
 
 def keops_logits(
@@ -24,20 +51,20 @@ def keops_logits(
     numbering of ``y_index`` (M,), the original row numbers of y's points when they were permuted
     (the block-sparse backend sorts them); by default column j is point j.
     """
-    x_i = LazyTensor(x[:, None, :])
-    y_j = LazyTensor(y[None, :, :])
+    # Vi / Vj mark per-point variables even for a single row or column (a (1, 1, D) LazyTensor would be taken
+    # for a parameter: another compiled formula).
+    x_i, y_j = Vi(x), Vj(y)
     d2 = x_i.sqdist(y_j)
     # -1/eps enters as a parameter tensor: one compiled formula for every temperature (a Python -1.0 would be folded).
     scale = LazyTensor(torch.tensor([-1.0 / eps], dtype=x.dtype, device=x.device))
     s = (d2 if cost_power(cost) == 2 else d2.sqrt()) * scale
-    if logw is not None:
-        s = s + LazyTensor(logw.reshape(1, -1, 1))
+    # Log-weights are always a variable (zeros when absent): one compiled formula for weighted and plain sums.
+    lw = logw if logw is not None else torch.zeros(y.shape[0], dtype=x.dtype, device=x.device)
+    s = s + Vj(lw.reshape(-1, 1))
     if diag is not None:
-        # Indices are exact in float32 below 2^24.
         jj = y_index if y_index is not None else torch.arange(y.shape[0], device=x.device)
-        i_f = LazyTensor(diag.to(x.dtype).reshape(-1, 1, 1))
-        j_f = LazyTensor(jj.to(x.dtype).reshape(1, -1, 1))
-        s = s - (0.5 - (i_f - j_f).abs()).step() * MASK_PENALTY
+        i_f, j_f = Vi(index_parts(diag, x.dtype)), Vj(index_parts(jj, x.dtype))
+        s = s - (0.5 - (i_f - j_f).abs().sum()).step() * MASK_PENALTY
     return s
 
 
@@ -47,7 +74,7 @@ def lse_and_mean(s: LazyTensor, values: torch.Tensor) -> tuple[torch.Tensor, tor
     The same compiled formula as ``sumsoftmaxweight`` (whose weights are also ``[1, values]``), which
     keeps only the ratio: here the row maximum and normaliser are read too.
     """
-    weights = LazyTensor(1).concat(LazyTensor(values[None, :, :]))
+    weights = LazyTensor(1).concat(Vj(values))
     out = s.reduction("Max_SumShiftExpWeight", other=weights, dim=1)
     return out[:, 0] + out[:, 1].log(), out[:, 2:] / out[:, 1:2]
 
@@ -61,7 +88,7 @@ class KeOpsBackend(Backend):
         return keops_logits(x, y, eps, cost, logw, diag).logsumexp(dim=1).reshape(-1)
 
     def reduce_mean(self, x, y, eps, cost, values, logw, diag):
-        return keops_logits(x, y, eps, cost, logw, diag).sumsoftmaxweight(LazyTensor(values[None, :, :]), dim=1)
+        return keops_logits(x, y, eps, cost, logw, diag).sumsoftmaxweight(Vj(values), dim=1)
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
         return lse_and_mean(keops_logits(x, y, eps, cost, logw, None), values.detach())

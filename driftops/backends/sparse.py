@@ -30,13 +30,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from pykeops.torch import LazyTensor
-from pykeops.torch.cluster import cluster_ranges_centroids
 
 from ..costs import cost_power
 from ..errors import DriftopsError
 from .base import Backend
-from .keops import keops_logits, lse_and_mean
+from .keops import LazyTensor, Vj, keops_logits, lse_and_mean
 
 # Cell-size rule: cells of side truncation_radius / CELLS_PER_RADIUS, grown by CELL_GROWTH until a cluster holds
 # MIN_MEAN_POINTS points on average and a cloud has at most MAX_CLUSTERS clusters. Smaller cells keep fewer pairs,
@@ -48,6 +46,8 @@ from .keops import keops_logits, lse_and_mean
 # cap decides: one-sided drift of 1M vs 1M points at eps = 0.01 in 230 s with 16384 clusters, 440 s with 32768.
 CELLS_PER_RADIUS = {"rows": 8.0, "cols": 8.0}
 MIN_MEAN_POINTS = {"rows": 16, "cols": 16}
+# On a GPU a KeOps thread block reads a whole cluster: clusters of ~16 points would leave most of it idle.
+GPU_MIN_MEAN_POINTS = 256
 CELL_GROWTH = 1.25
 MAX_CLUSTERS = 1 << 14
 # Below this many cluster pairs the keep mask is computed densely (no k-d tree).
@@ -93,14 +93,24 @@ def grid_labels(x: torch.Tensor, size: float) -> torch.Tensor:
     return torch.unique(q, dim=0, return_inverse=True)[1]
 
 
+def cluster_ranges(labels: torch.Tensor, points: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K, 2) int64 ``[start, end)`` ranges, (K, D) centroids and (K,) int64 counts of the K clusters of
+    sorted ``labels`` (n,) over ``points`` (n, D). Like pykeops's ``cluster_ranges_centroids``, whose
+    float32 cumulative sum is wrong past 2^24 points, but with int64 offsets."""
+    counts = torch.bincount(labels, minlength=k)
+    ends = torch.cumsum(counts, 0)
+    centroids = torch.zeros(k, points.shape[1], dtype=points.dtype, device=points.device).index_add_(0, labels, points)
+    return torch.stack([ends - counts, ends], 1), centroids / counts[:, None], counts
+
+
 def cluster_cloud(x: torch.Tensor, size: float) -> Clustering:
     """Sort x (n, D) into grid cells of side ``size`` (see :class:`Clustering`)."""
     labels = grid_labels(x, size)
     labels, perm = torch.sort(labels)
     points = x[perm].contiguous()
     pts = points.to(torch.float64)
-    ranges, centroids, counts = cluster_ranges_centroids(pts, labels)
-    k, d = ranges.shape[0], x.shape[1]
+    k, d = int(labels[-1]) + 1, x.shape[1]
+    ranges, centroids, counts = cluster_ranges(labels, pts, k)
     idx = labels[:, None].expand(-1, d)
     lo = pts.new_full((k, d), math.inf).scatter_reduce(0, idx, pts, "amin")
     hi = pts.new_full((k, d), -math.inf).scatter_reduce(0, idx, pts, "amax")
@@ -110,7 +120,7 @@ def cluster_cloud(x: torch.Tensor, size: float) -> Clustering:
     order = torch.arange(pts.shape[0], device=x.device)
     cand = torch.where(dist == nearest[labels], order, pts.shape[0])
     rep = torch.full((k,), pts.shape[0], dtype=torch.long, device=x.device).scatter_reduce(0, labels, cand, "amin")
-    return Clustering(points, perm, labels, ranges, counts.long(), lo, hi, rep, size)
+    return Clustering(points, perm, labels, ranges, counts, lo, hi, rep, size)
 
 
 def truncation_radius(eps: float, cost: str, truncation: float) -> float:
@@ -326,7 +336,7 @@ class SparseBackend(Backend):
     less than ``exp(-truncation)`` times a kept entry of its row). ``cell_size``: grid cell side;
     by default ``R / 8`` for both clouds, with R the truncation radius (``sqrt(truncation·eps)``
     for sqeuclidean, ``truncation·eps`` for euclidean), enlarged by 1.25x until clusters hold
-    >= 16 points on average and a cloud has at most 16384 clusters.
+    >= 16 points on average (256 on a GPU) and a cloud has at most 16384 clusters.
     """
 
     name = "sparse"
@@ -360,7 +370,8 @@ class SparseBackend(Backend):
         size = start
         if self.cell_size is None:
             k = int(grid_labels(x, size).max()) + 1
-            while k > 1 and (x.shape[0] < MIN_MEAN_POINTS[role] * k or k > MAX_CLUSTERS):
+            least = MIN_MEAN_POINTS[role] if x.device.type == "cpu" else GPU_MIN_MEAN_POINTS
+            while k > 1 and (x.shape[0] < least * k or k > MAX_CLUSTERS):
                 size *= CELL_GROWTH
                 k = int(grid_labels(x, size).max()) + 1
         c = cluster_cloud(x, size)
@@ -426,7 +437,7 @@ class SparseBackend(Backend):
         """``sum_j softmax_j(S_ij) values_j`` over kept j != diag_i, values (M, E) -> (N, E), original order."""
         s, cx, cy = self._logits(x, y, eps, cost, logw, diag)
         v = values.detach()[cy.perm].contiguous()
-        return self._unsort(s.sumsoftmaxweight(LazyTensor(v[None, :, :]), dim=1), cx)
+        return self._unsort(s.sumsoftmaxweight(Vj(v), dim=1), cx)
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
         """``reduce_lse`` and ``reduce_mean`` (no mask) from one block-sparse reduction, original order."""

@@ -1,0 +1,144 @@
+"""Every KeOps formula driftops compiles, listed in one place, and a warm-up that compiles a job's formulas up front.
+
+All of driftops's KeOps reductions are built by :func:`driftops.backends.keops.keops_logits` and are one of two
+*reduction shapes* over the logits ``S_ij = logw_j - c(x_i, y_j) * (-1/eps)`` (or ``d(x_i, y_j)`` for the
+euclidean cost):
+
+* ``"lse"``: ``Max_SumShiftExpWeight`` with weight 1 (a log-sum-exp);
+* ``"mean"``: ``Max_SumShiftExpWeight`` with weights ``[1, values]`` (softmax-weighted mean; log-sum-exp and mean in one
+  pass, the same formula as KeOps's ``sumsoftmaxweight``).
+
+``-1/eps`` is a parameter and the column log-weights always a variable (zeros when absent), so no temperature,
+weight or offset is compiled in. The variants are: the cost (2), the self mask (the pair ``(i, diag_i)``
+penalised by exact integer index parts, or none), the path (dense-lazy, or block-sparse with KeOps ranges, a
+separate compiled loop), the point dimension D (values have dimension D), the dtype and the device. A job
+on D-dimensional float32 clouds with one cost on one device thus compiles at most 2 x 2 x 2 = 8 kernels.
+KeOps compiles each once per machine into its cache folder (6-20 s each on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from ..costs import check_cost
+from ..errors import DriftopsError
+
+SHAPES = ("lse", "mean")
+# Name of the file, in KeOps's cache folder, listing the formulas the warm-up has compiled there.
+MANIFEST = "driftops-warmup.json"
+
+
+@dataclass(frozen=True)
+class Formula:
+    """One compiled KeOps kernel: reduction ``shape`` (see SHAPES), ``cost``, ``masked`` (self mask),
+    ``sparse`` (block-sparse ranges) or dense-lazy, point dimension ``dim``, ``dtype`` and ``device`` type."""
+
+    shape: str
+    cost: str
+    masked: bool
+    sparse: bool
+    dim: int
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __str__(self) -> str:
+        path = "sparse" if self.sparse else "keops"
+        return f"{self.shape}{' masked' if self.masked else ''} {self.cost} {path} D={self.dim} {self.dtype} {self.device}"
+
+    def run(self) -> None:
+        """Evaluate the formula once on a few points (compiling it if KeOps has not yet)."""
+        from .keops import KeOpsBackend
+        from .sparse import SparseBackend
+
+        gen = torch.Generator().manual_seed(0)
+        opts = {"dtype": getattr(torch, self.dtype)}
+        x, y = (torch.randn(n, self.dim, generator=gen, **opts).to(self.device) for n in (8, 6))
+        logw = torch.zeros(6, **opts, device=self.device)
+        diag = torch.arange(8, device=self.device) % 6 if self.masked else None
+        backend = SparseBackend() if self.sparse else KeOpsBackend()
+        with torch.no_grad():
+            if self.shape == "lse":
+                backend.reduce_lse(x, y, 1.0, self.cost, logw, diag)
+            else:
+                backend.reduce_mean(x, y, 1.0, self.cost, y, logw, diag)
+                if not self.masked:
+                    backend.reduce_lse_mean(x, y, 1.0, self.cost, y, logw)
+
+
+def job_formulas(
+    dim: int,
+    dtype: torch.dtype | str = "float32",
+    cost: str = "sqeuclidean",
+    plans: Sequence[str] = ("one_sided", "two_sided", "sinkhorn"),
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+    grad: bool = False,
+) -> list[Formula]:
+    """The formulas a job with these settings can compile (``grad``: gradients through the drift are needed).
+
+    The path follows :class:`driftops.backends.AutoBackend`: block-sparse on CPU for D <= 3 without gradients,
+    dense-lazy otherwise; the ``"dense"`` backend needs none. Masked variants only for one- and two-sided plans.
+    """
+    from . import SPARSE_MAX_DIM
+
+    check_cost(cost)
+    device = torch.device(device).type
+    dtype = str(dtype).replace("torch.", "")
+    if backend == "dense":
+        return []
+    if backend == "auto":
+        sparse = device == "cpu" and dim <= SPARSE_MAX_DIM and not grad
+    elif backend in ("keops", "sparse"):
+        sparse = backend == "sparse"
+    else:
+        raise DriftopsError(f"unknown backend {backend!r}; pass 'auto', 'keops', 'sparse' or 'dense'")
+    masks = [False] + ([True] if set(plans) - {"sinkhorn"} else [])
+    return [Formula(shape, cost, masked, sparse, dim, dtype, device) for masked in masks for shape in SHAPES]
+
+
+def _cache_folder() -> Path:
+    from .keops import LazyTensor  # noqa: F401  (imports pykeops quietly)
+    import pykeops
+
+    return Path(pykeops.get_build_folder())
+
+
+def _manifest(folder: Path) -> set[str]:
+    try:
+        return set(json.loads((folder / MANIFEST).read_text()))
+    except (OSError, ValueError):
+        return set()
+
+
+def warmup(formulas: Iterable[Formula] | None = None, progress: bool = True) -> list[Formula]:
+    """Compile ``formulas`` (default: every formula of 2D float32 CPU jobs) that the warm-up has not compiled on
+    this machine yet, announcing them in one line (and a progress bar unless ``progress`` is False). Returns
+    the formulas it ran."""
+    import pykeops
+    from tqdm.auto import tqdm
+
+    formulas = list(job_formulas(2) if formulas is None else formulas)
+    folder = _cache_folder()
+    done = _manifest(folder)
+    todo = [f for f in dict.fromkeys(formulas) if json.dumps(asdict(f), sort_keys=True) not in done]
+    if not todo:
+        return []
+    print(f"driftops: compiling {len(todo)} KeOps kernel{'s' * (len(todo) > 1)}, once per machine (cache: {folder})", flush=True)
+    verbose = pykeops.verbose
+    pykeops.set_verbose(False)
+    start = time.perf_counter()
+    try:
+        for f in tqdm(todo, disable=not progress, unit="kernel", desc="KeOps"):
+            f.run()
+            done.add(json.dumps(asdict(f), sort_keys=True))
+            (folder / MANIFEST).write_text(json.dumps(sorted(done), indent=1))
+    finally:
+        pykeops.set_verbose(verbose)
+    print(f"driftops: compiled in {time.perf_counter() - start:.0f} s", flush=True)
+    return todo

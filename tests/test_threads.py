@@ -1,0 +1,178 @@
+"""Thread settings, lazy imports, the KeOps warm-up, auto's per-device choice and indices past 2^24."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import driftops
+from driftops import threads
+from driftops.backends import AutoBackend, DenseBackend
+from driftops.backends.formulas import job_formulas
+from driftops.backends.keops import INDEX_BASE, keops_logits
+from driftops.backends.sparse import cluster_ranges
+from driftops.costs import diameter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with this checkout first on the path and no OpenMP variables."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    base["PYTHONPATH"] = os.pathsep.join([str(ROOT), base.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True, text=True, timeout=300, check=True)
+
+
+def test_import_is_lazy_and_passive_and_restores_the_environment():
+    code = (
+        "import os, sys, json, driftops\n"
+        "print(json.dumps({'heavy': [m for m in ('sklearn', 'ot', 'matplotlib') if m in sys.modules],"
+        " 'env': os.environ.get('OMP_WAIT_POLICY'), 'policy': driftops.threads.settings()['wait_policy']}))"
+    )
+    run = _python(code, OMP_DISPLAY_ENV="VERBOSE")
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out == {"heavy": [], "env": None, "policy": "PASSIVE"}
+    # libgomp prints its settings at initialisation: the runtime itself got the passive policy (no spinning).
+    assert _spincount(run.stderr) == 0
+    assert "CUDA libraries not found" not in run.stdout or torch.cuda.is_available()
+
+
+def _spincount(stderr: str) -> int:
+    """libgomp's spin count, from its OMP_DISPLAY_ENV=VERBOSE report."""
+    line = next(line for line in stderr.splitlines() if "GOMP_SPINCOUNT" in line)
+    return int(line.split("=")[1].strip().strip("'"))
+
+
+@pytest.mark.parametrize(
+    "code, env, spins",
+    [
+        ("import torch, driftops", {}, 300_000),  # torch first: its runtime is initialised already (libgomp's default)
+        ("import driftops", {"OMP_WAIT_POLICY": "ACTIVE"}, 30_000_000_000),  # the user's choice is kept
+        ("import driftops", {"GOMP_SPINCOUNT": "1000"}, 1000),
+    ],
+)
+def test_wait_policy_left_alone(code, env, spins):
+    run = _python(code + "; s = driftops.threads.settings(); print(s['wait_policy'], s['own_thread'])", OMP_DISPLAY_ENV="VERBOSE", **env)
+    # torch first: the reductions run on their own thread (libgomp then throttles its spinning), else on the caller's.
+    assert run.stdout.strip().splitlines()[-1] == f"None {code.startswith('import torch')}"
+    assert _spincount(run.stderr) == spins
+
+
+class _Spy(DenseBackend):
+    """Records the thread counts seen inside a reduction."""
+
+    seen: list[tuple[int, list[int]]] = []
+
+    def reduce_lse(self, x, y, eps, cost, logw, diag):
+        self.seen.append((torch.get_num_threads(), [lib.omp_get_max_threads() for lib in threads.openmp_runtimes()]))
+        return super().reduce_lse(x, y, eps, cost, logw, diag)
+
+
+def test_set_threads_applies_inside_calls_and_restores_the_callers_settings():
+    before = torch.get_num_threads()
+    other = 3 if before != 3 else 2
+    x = torch.randn(5, 2)
+    spy = _Spy()
+    try:
+        torch.set_num_threads(other)
+        driftops.set_threads(1)
+        spy.lse(x, x, 0.5, "sqeuclidean")
+        assert spy.seen[-1][0] == 1 and set(spy.seen[-1][1]) <= {1}
+        assert torch.get_num_threads() == other
+        assert all(lib.omp_get_max_threads() == other for lib in threads.openmp_runtimes())
+        driftops.set_threads(None)
+        spy.lse(x, x, 0.5, "sqeuclidean")
+        assert spy.seen[-1][0] == other
+    finally:
+        driftops.set_threads(None)
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_set_threads_rejects_bad_counts(bad):
+    with pytest.raises(driftops.DriftopsError, match="positive integer"):
+        driftops.set_threads(bad)
+
+
+class _FakeCuda:
+    """Stands for a CUDA tensor: AutoBackend.pick reads only its shape, device and requires_grad."""
+
+    def __init__(self, n: int, d: int, grad: bool = False):
+        self.shape, self.device, self.requires_grad = (n, d), torch.device("cuda", 0), grad
+
+
+def test_auto_prefers_keops_on_cuda_and_sparse_on_cpu():
+    auto = AutoBackend()
+    assert auto.pick(_FakeCuda(50_000, 2), _FakeCuda(50_000, 2)) is auto.keops
+    assert auto.pick(_FakeCuda(100, 2), _FakeCuda(100, 2)) is auto.dense
+    cpu = torch.empty(50_000, 2)
+    assert auto.pick(cpu, cpu) is auto.sparse
+    assert auto.pick(torch.empty(50_000, 8), torch.empty(50_000, 8)) is auto.keops
+    with torch.enable_grad():
+        assert auto.pick(cpu.requires_grad_(), cpu) is auto.keops
+    assert job_formulas(2, device="cuda")[0].sparse is False and job_formulas(2)[0].sparse is True
+
+
+def test_job_formulas_lists_masked_kernels_for_one_and_two_sided_only():
+    assert [(f.shape, f.masked) for f in job_formulas(3, plans=["sinkhorn"])] == [("lse", False), ("mean", False)]
+    assert len(job_formulas(2, plans=["one_sided"], cost="euclidean", dtype=torch.float64)) == 4
+    assert job_formulas(2, backend="dense") == []
+    with pytest.raises(driftops.DriftopsError, match="unknown backend"):
+        job_formulas(2, backend="gpu")
+
+
+def test_warmup_compiles_the_listed_formulas_once(tmp_path):
+    code = (
+        "import glob, json, driftops\n"
+        "from driftops.backends.formulas import Formula\n"
+        "todo = [Formula('lse', 'sqeuclidean', False, False, 1)]\n"
+        "first = driftops.warmup(todo); second = driftops.warmup(todo)\n"
+        "print(json.dumps([len(first), len(second), len(glob.glob('%s/**/*.so', recursive=True))]))" % tmp_path
+    )
+    run = _python(code, KEOPS_CACHE_FOLDER=str(tmp_path))
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [1, 0, 1]
+    assert "compiling 1 KeOps kernel, once per machine" in run.stdout
+
+
+def test_cluster_ranges_are_exact_past_2_pow_24():
+    n = (1 << 24) + 5
+    labels = torch.zeros(n, dtype=torch.long)
+    labels[-5:] = 1
+    ranges, centroids, counts = cluster_ranges(labels, torch.ones(1, 1).expand(n, 1), 2)
+    assert ranges.dtype == torch.int64 and ranges.tolist() == [[0, 1 << 24], [1 << 24, n]]
+    assert counts.tolist() == [1 << 24, 5] and centroids.flatten().tolist() == [1.0, 1.0]
+
+
+def test_self_mask_distinguishes_indices_past_2_pow_24():
+    # float32 cannot tell 2^24 from 2^24 + 1: the mask must compare exact integer parts.
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    y = torch.tensor([[0.0, 0.0], [0.5, 0.0], [1.0, 0.0]])
+    y_index = torch.tensor([INDEX_BASE, INDEX_BASE + 1, INDEX_BASE + 2])
+    diag = torch.tensor([INDEX_BASE + 1, INDEX_BASE + 2])
+    got = keops_logits(x, y, 1.0, "sqeuclidean", None, diag, y_index).logsumexp(dim=1).reshape(-1)
+    cost = torch.cdist(x.double(), y.double()) ** 2
+    keep = torch.tensor([[True, False, True], [True, True, False]])
+    want = torch.logsumexp((-cost).masked_fill(~keep, -torch.inf), 1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_diameter_reduces_each_cloud():
+    x, y = torch.tensor([[0.0, 1.0], [2.0, -1.0]]), torch.tensor([[-1.0, 0.5]])
+    assert diameter(x, y) == pytest.approx(((3.0**2) + (2.0**2)) ** 0.5)
+    assert diameter(x) == pytest.approx(8.0**0.5)
+
+
+def test_cli_warmup_and_train_device_default(capsys):
+    from driftops.cli import build_parser, main
+
+    assert build_parser().parse_args(["train"]).device == "auto"
+    assert build_parser().parse_args(["flow", "--threads", "1"]).threads == 1
+    if not torch.cuda.is_available():
+        assert main(["warmup", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
