@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import driftops
 from driftops.errors import DriftopsError
-from driftops.train import METHODS, Drifting, Run, TrainConfig, evaluate, load_checkpoint, read_metrics, train
+from driftops.train import METHODS, Drifting, Run, TrainConfig, evaluate, load_checkpoint, read_metrics, sample_run, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,3 +167,38 @@ def test_train_and_eval_commands(tmp_path):
     assert result["w2"] > 0 and result["w2_exact"]
     for name in ("samples.png", "curves.png"):
         assert (out / name).is_file()
+
+
+def test_paper_preset_builds_the_protocol(tmp_path):
+    cfg = TrainConfig.from_preset("paper", target="8gaussians", plan="sinkhorn", eps=[0.01], out=str(tmp_path / "p"))
+    assert (cfg.batch, cfg.steps, cfg.lr, cfg.sinkhorn_iters, cfg.eval_every, cfg.eval_points) == (1024, 5000, 2e-4, 20, 100, 1000)
+    assert cfg.target == "eight_gaussians" and cfg.flow_options()["max_iter"] == 20
+    run = Run(cfg, Drifting)
+    assert sum(p.numel() for p in run.model.parameters()) == 1_592_066
+    assert run.ema is run.model and not run.cfg.grad_clip  # no EMA copy, no clipping
+    assert isinstance(run.optimizer, torch.optim.AdamW) and run.optimizer.param_groups[0]["lr"] == 2e-4
+    assert not (tmp_path / "p").exists()  # building a Run writes nothing
+
+
+def test_one_forward_pass_per_round(tmp_path):
+    run = Run.open(tiny(tmp_path / "run", plan="sinkhorn", steps=1), Drifting)
+    calls = []
+    run.model.register_forward_hook(lambda *a: calls.append(1))
+    run.method.round(run)
+    assert len(calls) == 1 and run.step == 1
+
+
+def test_sample_command_and_held_out_eval(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out, plan="one_sided", steps=5))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "driftops", "sample", str(out), "--n", "123", "--out", str(tmp_path / "s.npy"), "--seed", "4"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True)
+    points, labels = sample_run(out, 123, seed=4)
+    assert labels is None and points.shape == (123, 2)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), points.numpy())
+    held_out = tmp_path / "held.npy"
+    np.save(held_out, points.numpy()[:100])
+    result = evaluate(out, n=100, seed=4, target_file=held_out)  # the same samples as reference: W2^2 is 0
+    assert result["n"] == 100 and result["w2"] < 1e-10 and result["target_file"] == str(held_out)
+    assert evaluate(out, n=100, seed=5, target_file=held_out)["w2"] > 1e-4
