@@ -242,11 +242,12 @@ def save_run_figures(run_dir, generated, target, records: list[dict], labels=Non
     return paths
 
 
-def plot_curve_bands(panels: dict[str, dict[str, tuple]], path, xlabel: str = "step", ylabel: str = "W2²", ncols: int | None = None) -> Path:
+def plot_curve_bands(panels: dict[str, dict[str, tuple]], path, xlabel: str | dict[str, str] = "step", ylabel: str = "W2²", ncols: int | None = None) -> Path:
     """Curves with mean ± std bands, one subplot per panel (like the Sinkhorn-drifting paper's Figure 2).
 
     ``panels``: ``{panel title: {curve label: (x (T,), runs (S, T))}}``; each curve is the mean over
-    the S runs with a shaded band of ± one standard deviation; log-scale y.
+    the S runs with a shaded band of ± one standard deviation; log-scale y. ``xlabel``: one label, or
+    one per panel title.
     """
     if not panels:
         raise DriftopsError("panels is empty; pass {title: {label: (x, runs)}}")
@@ -261,7 +262,7 @@ def plot_curve_bands(panels: dict[str, dict[str, tuple]], path, xlabel: str = "s
             if len(runs) > 1:
                 ax.fill_between(x, np.maximum(mean - std, mean * 1e-3), mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel[title] if isinstance(xlabel, dict) else xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
@@ -295,4 +296,20 @@ def plot_scatter_grid(cells: dict[tuple[str, str], tuple], path, row_names: list
             if j == 0:
                 ax.set_ylabel(row, fontsize=10)
     fig.tight_layout(h_pad=1.2, w_pad=0.6)
+    return _save(fig, path)
+
+
+def plot_image_grid(images: dict[str, np.ndarray], path, ncols: int = 4) -> Path:
+    """Grey-scale images (H, W) in [0, 1] (e.g. :func:`digit_grid` canvases), one titled panel each."""
+    if not images:
+        raise DriftopsError("images is empty; pass {title: (H, W) array}")
+    ncols = min(ncols, len(images))
+    nrows = -(-len(images) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3.3 * nrows), squeeze=False)
+    for ax, (title, img) in zip(axes.flat, images.items()):
+        ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=10)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
     return _save(fig, path)
