@@ -87,7 +87,7 @@ def test_wide_generator_is_the_papers_network():
     kinds = [type(m).__name__ for m in net.blocks[0]]
     assert kinds == ["Linear", "LayerNorm", "SiLU", "Linear", "LayerNorm"]
     assert net.blocks[0][0].weight.shape == (512, 256) and net.blocks[0][3].weight.shape == (256, 512)
-    assert abs(float(net.out.weight.detach().std()) - 1e-3) < 2e-4 and float(net.out.bias.abs().max()) == 0
+    assert abs(float(net.out.weight.detach().std()) - 1e-3) < 2e-4 and float(net.out.bias.detach().abs().max()) == 0
     z = torch.randn(7, 16)
     h = net.inp_norm(net.inp(z))
     for block in net.blocks:
