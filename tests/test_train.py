@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import driftops
 from driftops.errors import DriftopsError
-from driftops.train import METHODS, Drifting, Run, TrainConfig, evaluate, load_checkpoint, read_metrics, sample_run, train
+from driftops.data import load_points
+from driftops.train import METHODS, Drifting, Run, TrainConfig, evaluate, load_checkpoint, read_metrics, sample_run, save_samples, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,6 +139,11 @@ def test_conditional_digits_training_and_eval(tmp_path):
     assert 0 <= result["accuracy"] <= 1 and 0 <= result["coverage"] <= 1
     assert set(result["w2_per_class"]) == {str(k) for k in range(10)}
     assert (Path(cfg.out) / "digits.png").is_file()
+    points, labels = sample_run(cfg.out, 25)
+    assert points.shape == (25, 8) and labels.tolist() == [k % 10 for k in range(25)]
+    save_samples(tmp_path / "s.npz", points, labels, [str(k) for k in range(10)])
+    back = load_points(tmp_path / "s.npz")  # one array per class, as the loader reads class data
+    assert back.classes == [str(k) for k in range(10)] and torch.allclose(back.per_class()["3"], points[labels == 3])
 
 
 def test_bad_configurations_raise(tmp_path):

@@ -15,7 +15,7 @@ load, sample, evaluate)::
 
 from __future__ import annotations
 
-from .api import METHODS, evaluate, evaluation_set, load_run, sample_model, sample_run, save_samples, train
+from .api import METHODS, draw_samples, evaluate, evaluation_set, load_run, sample_model, sample_run, save_samples, train
 from .config import PRESETS, TrainConfig
 from .drifting import Drifting, drift_targets
 from .loop import Run
@@ -27,6 +27,6 @@ from .targets import Target
 
 __all__ = [
     "TrainConfig", "PRESETS", "Target", "Run", "Method", "GeneratorMethod", "Drifting", "SinkhornLoss", "NSGF",
-    "METHODS", "train", "load_run", "sample_model", "sample_run", "save_samples", "evaluate", "evaluation_set",
+    "METHODS", "train", "load_run", "sample_model", "draw_samples", "sample_run", "save_samples", "evaluate", "evaluation_set",
     "drift_targets", "drift_flow", "read_metrics", "load_checkpoint", "CHECKPOINT",
 ]

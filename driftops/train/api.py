@@ -58,14 +58,20 @@ def sample_model(method: Method, model: nn.Module, n: int, labels: torch.Tensor 
         return method.sample(model, n, labels if method.cfg.conditional else None, gen)
 
 
-def sample_run(run_dir: str | Path, n: int, seed: int = 0, device: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``n`` samples (n, D) of a trained run and their labels (n,): classes in turn (k % K) for conditional runs,
-    None otherwise. ``driftops sample RUN --n N --out file.npy`` writes them."""
+def draw_samples(method: Method, model: nn.Module, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` samples (n, D) of a loaded model and their labels (n,): classes in turn (k % K) for conditional runs,
+    None otherwise."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DriftopsError(f"n must be a positive integer number of samples, got {n!r}")
-    cfg, method, model = load_run(run_dir, device)
-    labels = torch.arange(n, device=cfg.device) % method.target.num_classes if cfg.conditional else None
+    labels = torch.arange(n, device=method.cfg.device) % method.target.num_classes if method.cfg.conditional else None
     return sample_model(method, model, n, labels, seed), labels
+
+
+def sample_run(run_dir: str | Path, n: int, seed: int = 0, device: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` samples (n, D) of the trained run in ``run_dir`` and their labels (see :func:`draw_samples`);
+    ``driftops sample RUN --n N --out file.npy`` writes them."""
+    _, method, model = load_run(run_dir, device)
+    return draw_samples(method, model, n, seed)
 
 
 def save_samples(path: str | Path, points: torch.Tensor, labels: torch.Tensor | None = None, classes: list[str] | None = None) -> Path:
@@ -137,4 +143,4 @@ def evaluate(run_dir: str | Path, n: int = 1000, seed: int = 1000, device: str |
     return result
 
 
-__all__ = ["METHODS", "train", "load_run", "sample_model", "sample_run", "save_samples", "evaluate", "evaluation_set", "CHECKPOINT"]
+__all__ = ["METHODS", "train", "load_run", "sample_model", "draw_samples", "sample_run", "save_samples", "evaluate", "evaluation_set", "CHECKPOINT"]

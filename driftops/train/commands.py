@@ -19,7 +19,7 @@ from ..data import TOYS, TOY_ALIASES
 from ..models import ARCHITECTURES
 from ..plans import PLANS
 from ..viz import save_run_figures
-from .api import EXACT_W2_POINTS, METHODS, evaluate, load_run, sample_model, sample_run, save_samples, train
+from .api import EXACT_W2_POINTS, METHODS, draw_samples, evaluate, load_run, sample_model, save_samples, train
 from .config import DTYPES, PRESETS, TrainConfig
 from .storage import read_metrics
 
@@ -143,8 +143,8 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_sample(args: argparse.Namespace) -> int:
     """Write ``args.n`` samples of a trained run to ``args.out``; returns 0."""
-    cfg, method, _ = load_run(args.run_dir, args.device)
-    points, labels = sample_run(args.run_dir, args.n, args.seed, args.device)
+    _, method, model = load_run(args.run_dir, args.device)
+    points, labels = draw_samples(method, model, args.n, args.seed)
     classes = method.target.data.classes if labels is not None else None
     path = save_samples(args.out, points, labels, classes)
     print(f"wrote {args.n} samples of shape {tuple(points.shape)} to {path}")
