@@ -1,4 +1,4 @@
-"""The ``driftops`` command: ``flow``, ``bench``, ``train``, ``eval`` and ``warmup`` subcommands.
+"""The ``driftops`` command: ``flow``, ``bench``, ``train``, ``eval``, ``sample`` and ``warmup`` subcommands.
 
 Bad arguments print one line ``driftops <cmd>: error: ...`` and exit with status 2.
 """
@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .backends import BACKENDS
 from .costs import COSTS
-from .data import TOYS
+from .data import TOY_ALIASES, TOYS, resolve_target
 from .errors import DivergenceError, DriftopsError
 from .plans import PLANS
 
@@ -58,9 +58,10 @@ positive_float = _positive(float, "number")
 
 
 def _target_spec(text: str) -> str:
-    if text in TOYS or text == "digits" or text.endswith((".npy", ".npz")):
-        return text
-    raise argparse.ArgumentTypeError(f"unknown target {text!r}; pass a toy ({', '.join(TOYS)}), 'digits' or a .npy/.npz path")
+    try:
+        return resolve_target(text)
+    except DriftopsError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_flow(sub) -> None:
@@ -73,7 +74,7 @@ def _add_flow(sub) -> None:
         "iterations per step: about 3 minutes on 2 CPU cores).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--target", type=_target_spec, default="checkerboard", help=f"toy ({', '.join(TOYS)}), 'digits' or a .npy/.npz file")
+    p.add_argument("--target", type=_target_spec, default="checkerboard", help=f"toy ({', '.join(TOYS)}; or {', '.join(TOY_ALIASES)}), 'digits' or a .npy/.npz file")
     p.add_argument("--source", type=lambda s: s if s == "gaussian" else _target_spec(s), default="gaussian", help="'gaussian' (standard normal noise) or a target spec")
     p.add_argument("--n", type=positive_int, default=DEMO["n"], help="number of particles and of target points")
     p.add_argument("--plan", choices=PLANS, default="sinkhorn", help="transport plan of the drift")
@@ -219,14 +220,18 @@ def _device(name: str) -> str:
 def _add_training(sub) -> None:
     """Register ``train`` and ``eval`` from driftops.train.commands (or stubs explaining why they are unavailable)."""
     try:
-        from .train.commands import add_eval_arguments, add_train_arguments, run_eval, run_train
+        from .train.commands import add_eval_arguments, add_sample_arguments, add_train_arguments, run_eval, run_sample, run_train
     except Exception as err:  # the rest of the CLI must work even if the training code does not import
         reason = f"{type(err).__name__}: {err}"
-        for name in ("train", "eval"):
+        for name in ("train", "eval", "sample"):
             p = sub.add_parser(name, help=f"(unavailable: {reason})", description=f"unavailable: driftops.train.commands failed to import ({reason})")
             p.set_defaults(func=lambda args, reason=reason: _unavailable(reason))
         return
-    for name, add, run, text in (("train", add_train_arguments, run_train, "train a generator"), ("eval", add_eval_arguments, run_eval, "evaluate a trained run")):
+    for name, add, run, text in (
+        ("train", add_train_arguments, run_train, "train a generator"),
+        ("eval", add_eval_arguments, run_eval, "evaluate a trained run"),
+        ("sample", add_sample_arguments, run_sample, "write samples of a trained run to a .npy/.npz file"),
+    ):
         p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add(p)
         p.set_defaults(func=run)
@@ -242,7 +247,7 @@ def build_parser() -> Parser:
     """The ``driftops`` argument parser with all subcommands."""
     parser = Parser(prog="driftops", description="Drift fields, Sinkhorn flows and generator training for point clouds.")
     parser.add_argument("--version", action="version", version=f"driftops {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{flow,train,eval,bench,warmup}", parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{flow,train,eval,sample,bench,warmup}", parser_class=Parser)
     _add_flow(sub)
     _add_training(sub)
     _add_bench(sub)

@@ -1,7 +1,14 @@
 """Targets: seeded 2D toy samplers, scikit-learn digits and .npy/.npz point files.
 
-Every sampler returns a float32 (N, 2) tensor roughly inside [-4, 4]^2. Class-labelled
-data comes as a :class:`ClassData` (points (N, D), labels (N,), class names, optional decoder).
+The toys without prefix follow the Sinkhorn-drifting paper (its toy code): ``eight_gaussians``
+(radius 2, std 0.08), ``checkerboard`` (4x4 tiles on [-2, 2]^2, noise 0.05), ``moons`` (noise
+0.08) and ``spiral`` (noise 0.05); the FFJORD-scale versions are ``ffjord_eight_gaussians``,
+``ffjord_checkerboard``, ``ffjord_moons`` and ``ffjord_spiral``. Each toy is a small frozen
+dataclass whose fields are its documented parameters; override them with
+``dataclasses.replace(TOYS["checkerboard"], noise=0.0)`` and pass the instance to
+:func:`sample_toy`. Samplers draw with torch on the requested device from a ``torch.Generator``
+(or an int seed), so training batches never leave the model's device. Class-labelled data comes
+as a :class:`ClassData` (points (N, D), labels (N,), class names, optional decoder).
 """
 
 from __future__ import annotations
@@ -15,82 +22,179 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checks import check_choice
 from .errors import DriftopsError
 
 Seed = torch.Generator | int
+# Other spellings accepted wherever a target name is (FFJORD's and the paper code's names).
+TOY_ALIASES = {"8gaussians": "eight_gaussians", "swissroll": "swiss_roll", "ffjord_8gaussians": "ffjord_eight_gaussians", "2spirals": "ffjord_spiral"}
 
 
-def _rng(seed: Seed) -> np.random.Generator:
-    """A numpy generator from an int seed or from a draw of a torch generator."""
-    if isinstance(seed, torch.Generator):
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=seed))
-    return np.random.default_rng(seed)
+class Toy:
+    """A 2D toy distribution: ``draw(n, gen, dtype, device)`` returns (n, 2) points drawn from ``gen``."""
+
+    def draw(self, n: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _rand(gen, dtype, device, *shape) -> torch.Tensor:
+        return torch.rand(*shape, generator=gen, dtype=dtype, device=device)
+
+    @staticmethod
+    def _randn(gen, dtype, device, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype, device=device)
+
+    @staticmethod
+    def _randint(gen, device, high: int, n: int) -> torch.Tensor:
+        return torch.randint(high, (n,), generator=gen, device=device)
 
 
-def _sk_seed(rng: np.random.Generator) -> int:
-    """An int ``random_state`` for scikit-learn drawn from ``rng``."""
-    return int(rng.integers(2**31 - 1))
+@dataclass(frozen=True)
+class EightGaussians(Toy):
+    """Eight isotropic Gaussians of std ``std`` with equal weights, centred at angles k*pi/4 on the circle of ``radius``."""
+
+    radius: float = 2.0
+    std: float = 0.08
+
+    def draw(self, n, gen, dtype, device):
+        angle = self._randint(gen, device, 8, n).to(dtype) * (math.pi / 4)
+        centres = self.radius * torch.stack([angle.cos(), angle.sin()], 1)
+        return centres + self.std * self._randn(gen, dtype, device, n, 2)
 
 
-def eight_gaussians(n: int, seed: Seed = 0) -> torch.Tensor:
-    """Eight isotropic Gaussians (std 0.35) centred on the circle of radius 2*sqrt(2); (n, 2)."""
-    rng = _rng(seed)
-    angles = rng.integers(8, size=n) * (math.pi / 4)
-    centres = 2 * math.sqrt(2) * np.stack([np.cos(angles), np.sin(angles)], 1)
-    return torch.as_tensor(centres + 0.35 * rng.standard_normal((n, 2)), dtype=torch.float32)
+@dataclass(frozen=True)
+class Checkerboard(Toy):
+    """Uniform on the ``tiles**2 / 2`` tiles (i + j even, i and j counted from the lower left) of a ``tiles`` x ``tiles``
+    board on [-half_width, half_width]^2, plus isotropic Gaussian noise of std ``noise``; tiles have equal weights."""
+
+    tiles: int = 4
+    half_width: float = 2.0
+    noise: float = 0.05
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tiles, bool) or not isinstance(self.tiles, int) or self.tiles < 2 or self.tiles % 2:
+            raise DriftopsError(f"a checkerboard needs an even number of tiles per side (2, 4, 6, ...), got {self.tiles!r}")
+
+    def draw(self, n, gen, dtype, device):
+        i = self._randint(gen, device, self.tiles, n)
+        j = 2 * self._randint(gen, device, self.tiles // 2, n) + i % 2
+        side = 2 * self.half_width / self.tiles
+        cell = torch.stack([i, j], 1).to(dtype)
+        pts = -self.half_width + side * (cell + self._rand(gen, dtype, device, n, 2))
+        return pts + self.noise * self._randn(gen, dtype, device, n, 2)
 
 
-def checkerboard(n: int, seed: Seed = 0) -> torch.Tensor:
-    """Uniform on the 2x2 squares of [-4, 4]^2 where floor(x/2) + floor(y/2) is even; (n, 2)."""
-    rng = _rng(seed)
-    x = rng.uniform(-4, 4, n)
-    y = rng.uniform(0, 2, n) + 2 * (2 * rng.integers(2, size=n) - 2 + np.floor(x / 2) % 2)
-    return torch.as_tensor(np.stack([x, y], 1), dtype=torch.float32)
+@dataclass(frozen=True)
+class Moons(Toy):
+    """scikit-learn's two moons (unit half-circles, the second shifted by (1, -0.5), equal weights) minus their centre
+    (0.5, 0.25), times ``scale``, plus Gaussian noise of std ``noise`` (added before scaling, as in make_moons)."""
+
+    noise: float = 0.08
+    scale: float = 1.0
+
+    def draw(self, n, gen, dtype, device):
+        t = math.pi * self._rand(gen, dtype, device, n)
+        lower = self._randint(gen, device, 2, n).bool()
+        outer = torch.stack([t.cos(), t.sin()], 1)
+        inner = torch.stack([1 - t.cos(), 0.5 - t.sin()], 1)
+        pts = torch.where(lower[:, None], inner, outer) - torch.tensor([0.5, 0.25], dtype=dtype, device=device)
+        return self.scale * (pts + self.noise * self._randn(gen, dtype, device, n, 2))
 
 
-def moons(n: int, seed: Seed = 0) -> torch.Tensor:
-    """scikit-learn two moons (noise 0.05), centred and scaled by 2.5; (n, 2)."""
-    import sklearn.datasets  # imported on first use (slow, own OpenMP runtime)
+@dataclass(frozen=True)
+class Spiral(Toy):
+    """Two point-symmetric Archimedean arms r = ``radius`` * s, angle 3*pi*s (1.5 turns), s = sqrt(u) with u uniform
+    (uniform density along the area swept), equal weights, plus Gaussian noise of std ``noise``."""
 
-    pts, _ = sklearn.datasets.make_moons(n, noise=0.05, random_state=_sk_seed(_rng(seed)))
-    return torch.as_tensor((pts - [0.5, 0.25]) * 2.5, dtype=torch.float32)
+    radius: float = 2.0
+    noise: float = 0.05
 
-
-def spiral(n: int, seed: Seed = 0) -> torch.Tensor:
-    """Two interleaved spiral arms (1.5 turns, noise 0.1); (n, 2)."""
-    rng = _rng(seed)
-    t = np.sqrt(rng.uniform(size=n)) * 3 * math.pi
-    arm = np.stack([-np.cos(t) * t, np.sin(t) * t], 1) + rng.uniform(0, 0.5, (n, 2))
-    sign = 2.0 * rng.integers(2, size=(n, 1)) - 1
-    return torch.as_tensor(sign * arm / 3 + 0.1 * rng.standard_normal((n, 2)), dtype=torch.float32)
-
-
-def swiss_roll(n: int, seed: Seed = 0) -> torch.Tensor:
-    """scikit-learn swiss roll (noise 0.5) projected on its (x, z) plane, centred, scaled by 1/3.6; (n, 2)."""
-    import sklearn.datasets  # imported on first use (slow, own OpenMP runtime)
-
-    pts, _ = sklearn.datasets.make_swiss_roll(n, noise=0.5, random_state=_sk_seed(_rng(seed)))
-    return torch.as_tensor((pts[:, [0, 2]] - [1.6, 1.5]) / 3.6, dtype=torch.float32)
+    def draw(self, n, gen, dtype, device):
+        s = self._rand(gen, dtype, device, n).sqrt()
+        sign = 2 * self._randint(gen, device, 2, n).to(dtype) - 1
+        angle = 3 * math.pi * s
+        arm = self.radius * s[:, None] * torch.stack([angle.cos(), angle.sin()], 1)
+        return sign[:, None] * arm + self.noise * self._randn(gen, dtype, device, n, 2)
 
 
-def rings(n: int, seed: Seed = 0) -> torch.Tensor:
-    """Four concentric circles of radii 0.875, 1.75, 2.625, 3.5 (equal mass, noise 0.08); (n, 2)."""
-    rng = _rng(seed)
-    radius = 0.875 * (1 + rng.integers(4, size=n))
-    angle = rng.uniform(0, 2 * math.pi, n)
-    pts = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
-    return torch.as_tensor(pts + 0.08 * rng.standard_normal((n, 2)), dtype=torch.float32)
+@dataclass(frozen=True)
+class FfjordSpiral(Toy):
+    """FFJORD's ``2spirals``: two arms t = sqrt(u) * 3*pi, (-t cos t, t sin t) + U(0, 0.5)^2, mirrored, divided by
+    3, plus Gaussian noise of std ``noise``."""
+
+    noise: float = 0.1
+
+    def draw(self, n, gen, dtype, device):
+        t = self._rand(gen, dtype, device, n).sqrt() * 3 * math.pi
+        arm = torch.stack([-t.cos() * t, t.sin() * t], 1) + 0.5 * self._rand(gen, dtype, device, n, 2)
+        sign = 2 * self._randint(gen, device, 2, n).to(dtype) - 1
+        return sign[:, None] * arm / 3 + self.noise * self._randn(gen, dtype, device, n, 2)
 
 
-TOYS: dict[str, Callable[[int, Seed], torch.Tensor]] = {
-    "eight_gaussians": eight_gaussians,
-    "checkerboard": checkerboard,
-    "moons": moons,
-    "spiral": spiral,
-    "swiss_roll": swiss_roll,
-    "rings": rings,
+@dataclass(frozen=True)
+class SwissRoll(Toy):
+    """scikit-learn's swiss roll t = 1.5*pi*(1 + 2u), (t cos t, t sin t) with Gaussian noise ``noise`` (its (x, z)
+    plane), minus (1.6, 1.5), divided by 3.6."""
+
+    noise: float = 0.5
+
+    def draw(self, n, gen, dtype, device):
+        t = 1.5 * math.pi * (1 + 2 * self._rand(gen, dtype, device, n))
+        pts = torch.stack([t * t.cos(), t * t.sin()], 1) + self.noise * self._randn(gen, dtype, device, n, 2)
+        return (pts - torch.tensor([1.6, 1.5], dtype=dtype, device=device)) / 3.6
+
+
+@dataclass(frozen=True)
+class Rings(Toy):
+    """``count`` concentric circles of radii k * ``spacing`` (k = 1..count, equal mass), plus Gaussian noise ``noise``."""
+
+    count: int = 4
+    spacing: float = 0.875
+    noise: float = 0.08
+
+    def draw(self, n, gen, dtype, device):
+        radius = self.spacing * (1 + self._randint(gen, device, self.count, n)).to(dtype)
+        angle = 2 * math.pi * self._rand(gen, dtype, device, n)
+        pts = radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1)
+        return pts + self.noise * self._randn(gen, dtype, device, n, 2)
+
+
+TOYS: dict[str, Toy] = {
+    "eight_gaussians": EightGaussians(),
+    "checkerboard": Checkerboard(),
+    "moons": Moons(),
+    "spiral": Spiral(),
+    "swiss_roll": SwissRoll(),
+    "rings": Rings(),
+    # FFJORD scale (Grathwohl et al.): 8 Gaussians on radius 2*sqrt(2), std 0.5/sqrt(2); checkerboard of 2x2 squares
+    # on [-4, 4]^2 without noise; moons scaled by 2.5 with noise 0.05; two spirals with noise 0.1.
+    "ffjord_eight_gaussians": EightGaussians(radius=2 * math.sqrt(2), std=0.5 / math.sqrt(2)),
+    "ffjord_checkerboard": Checkerboard(tiles=4, half_width=4.0, noise=0.0),
+    "ffjord_moons": Moons(noise=0.05, scale=2.5),
+    "ffjord_spiral": FfjordSpiral(),
 }
+
+
+def resolve_target(spec: str) -> str:
+    """The canonical target name: a toy (a key of :data:`TOYS` or an alias such as ``8gaussians``), ``digits`` or a
+    .npy/.npz path; raises :class:`DriftopsError` naming the choices otherwise. Used by the API and every command."""
+    if not isinstance(spec, (str, Path)):
+        raise DriftopsError(f"a target must be a name or a path, got {type(spec).__name__}")
+    spec = str(spec)
+    name = TOY_ALIASES.get(spec, spec)
+    if name in TOYS or name == "digits" or Path(name).suffix in (".npy", ".npz"):
+        return name
+    raise DriftopsError(f"unknown target {spec!r}; pass a toy ({', '.join(TOYS)}; or {', '.join(TOY_ALIASES)}), 'digits' or a .npy/.npz path")
+
+
+def _generator(seed: Seed, device: torch.device) -> torch.Generator:
+    """``seed`` itself when it is a generator on ``device``; a new generator on ``device`` seeded with the int."""
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != device.type:
+            raise DriftopsError(f"the generator is on {seed.device} but the points are asked on {device}; pass a generator created with torch.Generator(device={str(device)!r})")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise DriftopsError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 def _check_count(n, name: str = "n") -> int:
@@ -100,11 +204,17 @@ def _check_count(n, name: str = "n") -> int:
 
 
 def sample_toy(
-    name: str, n: int, seed: Seed = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    toy: str | Toy, n: int, seed: Seed = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
-    """``n`` points (n, 2) of the toy distribution ``name`` (a key of :data:`TOYS`), reproducible from ``seed``."""
-    check_choice(name, list(TOYS), "toy distribution")
-    return TOYS[name](_check_count(n), seed).to(dtype=dtype, device=device)
+    """``n`` points (n, 2) of a toy (a name of :data:`TOYS`, an alias, or a :class:`Toy` instance with overridden
+    parameters), drawn on ``device`` from ``seed`` (an int, or a torch.Generator on that device that is advanced)."""
+    if not isinstance(toy, Toy):
+        name = resolve_target(toy)
+        if name not in TOYS:
+            raise DriftopsError(f"{toy!r} is not a toy distribution; pass one of {', '.join(TOYS)}")
+        toy = TOYS[name]
+    device = torch.device(device)
+    return toy.draw(_check_count(n), _generator(seed, device), dtype, device)
 
 
 @dataclass
@@ -206,14 +316,10 @@ def load_target(spec: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     """``n`` target points (n, D) and their labels (n,) (None for toys) from a toy name, "digits" or a
     .npy/.npz path; data sets are subsampled without replacement, reproducibly from ``seed``."""
     n = _check_count(n)
-    if spec in TOYS:
-        return sample_toy(spec, n, seed), None
-    if spec == "digits":
-        data = load_digits(seed=seed)
-    elif Path(spec).suffix in (".npy", ".npz"):
-        data = load_points(spec)
-    else:
-        raise DriftopsError(f"unknown target {spec!r}; pass a toy ({', '.join(TOYS)}), 'digits' or a .npy/.npz path")
+    name = resolve_target(spec)
+    if name in TOYS:
+        return sample_toy(name, n, seed), None
+    data = load_digits(seed=seed) if name == "digits" else load_points(name)
     if n > len(data.x):
         raise DriftopsError(f"target {spec!r} has {len(data.x)} points but n={n} were asked; pass n <= {len(data.x)}")
     idx = torch.randperm(len(data.x), generator=torch.Generator().manual_seed(seed))[:n]

@@ -1,7 +1,10 @@
-"""Figures of particle flows (matplotlib, Agg backend; every function saves a file and returns its path).
+"""Figures of particle flows and trained runs (matplotlib, Agg backend; every ``plot_*``/``save_*`` function saves
+a file and returns its path).
 
-Panels use equal aspect and fixed limits taken from the target (or from the snapshots when no
-target is given), small translucent markers, and titles with the step and the W2^2 estimate.
+Flow panels use equal aspect and fixed limits taken from the target (or from the snapshots when no
+target is given), small translucent markers, and titles with the step and the W2^2 estimate. Run
+figures: generated points over target points, digit grids, and W2^2-vs-step curves with
+mean ± std bands over seeds.
 """
 
 from __future__ import annotations
@@ -184,5 +187,129 @@ def plot_compare(results: dict[str, FlowResult], target, path="compare.png") -> 
         ax.scatter(p[:, 0], p[:, 1], s=_marker_size(len(p)), c=PARTICLE_COLOR, alpha=0.5, linewidths=0, rasterized=True)
         _setup_axes(ax, lims)
         ax.set_title(f"{name}\n{_title(r, step)}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def scatter_panel(ax, generated, target, title: str = "", lims=None) -> None:
+    """Draw generated points (orange) over target points (grey) on ``ax``, first two coordinates, equal aspect."""
+    t, g = _np(target), _np(generated)
+    ax.scatter(t[:, 0], t[:, 1], **TARGET_STYLE)
+    ax.scatter(g[:, 0], g[:, 1], s=_marker_size(len(g)), c="tab:orange", alpha=0.6, linewidths=0, rasterized=True)
+    _setup_axes(ax, lims or _limits(t))
+    ax.set_title(title, fontsize=9)
+
+
+def digit_grid(images: np.ndarray | torch.Tensor, labels=None, num_classes: int = 10, per_class: int = 10) -> np.ndarray:
+    """A canvas of 8x8 images (K, 8, 8) in [0, 1] with 1-pixel gaps: one row per class when ``labels`` (K,) is given,
+    else rows of ``per_class`` images."""
+    images = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if labels is None:
+        rows = [images[i : i + per_class] for i in range(0, min(len(images), per_class * per_class), per_class)]
+    else:
+        lab = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        rows = [images[lab == k][:per_class] for k in range(num_classes)]
+    canvas = np.zeros((9 * len(rows) + 1, 9 * per_class + 1))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            canvas[1 + 9 * r : 9 * r + 9, 1 + 9 * c : 9 * c + 9] = img
+    return canvas
+
+
+def save_run_figures(run_dir, generated, target, records: list[dict], labels=None, decode=None) -> list[Path]:
+    """A run's figures in ``run_dir``: ``samples.png`` (generated (N, D) over target (M, D)), ``digits.png`` when
+    ``decode`` maps points to (K, 8, 8) images, ``curves.png`` (training loss and W2^2 of the log ``records``,
+    dicts with ``step`` and optional ``loss``, ``w2``, as :func:`driftops.train.read_metrics` returns)."""
+    run_dir = Path(run_dir)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    scatter_panel(ax, generated, target, "generated over target" + (" (first 2 coordinates)" if generated.shape[1] > 2 else ""))
+    paths = [_save(fig, run_dir / "samples.png")]
+    if decode is not None:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.imshow(digit_grid(decode(generated), labels), cmap="gray_r", vmin=0, vmax=1)
+        ax.axis("off")
+        paths.append(_save(fig, run_dir / "digits.png"))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, key in zip(axes, ("loss", "w2")):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        if pts:
+            ax.plot(*zip(*pts))
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title("training loss" if key == "loss" else "W2² of the evaluated model")
+    fig.tight_layout()
+    paths.append(_save(fig, run_dir / "curves.png"))
+    return paths
+
+
+def plot_curve_bands(panels: dict[str, dict[str, tuple]], path, xlabel: str | dict[str, str] = "step", ylabel: str = "W2²", ncols: int | None = None) -> Path:
+    """Curves with mean ± std bands, one subplot per panel (like the Sinkhorn-drifting paper's Figure 2).
+
+    ``panels``: ``{panel title: {curve label: (x (T,), runs (S, T))}}``; each curve is the mean over
+    the S runs with a shaded band of ± one standard deviation; log-scale y. ``xlabel``: one label, or
+    one per panel title.
+    """
+    if not panels:
+        raise DriftopsError("panels is empty; pass {title: {label: (x, runs)}}")
+    ncols = ncols or min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (title, curves) in zip(axes.flat, panels.items()):
+        for label, (x, runs) in curves.items():
+            runs = np.atleast_2d(np.asarray(runs, dtype=float))
+            mean, std = runs.mean(0), runs.std(0)
+            (line,) = ax.plot(x, mean, label=label, lw=1.4)
+            if len(runs) > 1:
+                ax.fill_between(x, np.maximum(mean - std, mean * 1e-3), mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel[title] if isinstance(xlabel, dict) else xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_scatter_grid(cells: dict[tuple[str, str], tuple], path, row_names: list[str], col_names: list[str]) -> Path:
+    """A grid of generated-over-target scatters: ``cells[(row, col)] = (generated (N, 2), target (M, 2), caption)``.
+
+    Row names label the rows on the left, column names head the columns; each panel's own caption
+    (e.g. its W2^2) sits under it, so no title overlaps a neighbour. Missing cells are left blank.
+    """
+    if not cells:
+        raise DriftopsError("cells is empty; pass {(row, col): (generated, target, caption)}")
+    fig, axes = plt.subplots(len(row_names), len(col_names), figsize=(2.4 * len(col_names), 2.5 * len(row_names)), squeeze=False)
+    for i, row in enumerate(row_names):
+        for j, col in enumerate(col_names):
+            ax = axes[i, j]
+            if (row, col) not in cells:
+                ax.axis("off")
+                continue
+            gen, tgt, caption = cells[row, col]
+            scatter_panel(ax, gen, tgt)
+            ax.set_xlabel(caption, fontsize=8)
+            if i == 0:
+                ax.set_title(col, fontsize=10)
+            if j == 0:
+                ax.set_ylabel(row, fontsize=10)
+    fig.tight_layout(h_pad=1.2, w_pad=0.6)
+    return _save(fig, path)
+
+
+def plot_image_grid(images: dict[str, np.ndarray], path, ncols: int = 4) -> Path:
+    """Grey-scale images (H, W) in [0, 1] (e.g. :func:`digit_grid` canvases), one titled panel each."""
+    if not images:
+        raise DriftopsError("images is empty; pass {title: (H, W) array}")
+    ncols = min(ncols, len(images))
+    nrows = -(-len(images) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3.3 * nrows), squeeze=False)
+    for ax, (title, img) in zip(axes.flat, images.items()):
+        ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=10)
+    for ax in axes.flat:
+        ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)

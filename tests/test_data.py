@@ -1,10 +1,11 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from driftops.data import TOYS, load_digits, load_points, load_target, sample_toy
+from driftops.data import TOYS, load_digits, load_points, load_target, resolve_target, sample_toy
 from driftops.errors import DriftopsError
 
 
@@ -14,41 +15,82 @@ def test_toys_seeded_shapes_and_support(name):
     assert x.shape == (1001, 2) and x.dtype == torch.float32
     assert torch.equal(x, sample_toy(name, 1001, seed=3))
     assert not torch.equal(x, sample_toy(name, 1001, seed=4))
-    assert torch.equal(TOYS[name](50, torch.Generator().manual_seed(1)), TOYS[name](50, torch.Generator().manual_seed(1)))
-    assert x.abs().max() < 5.0
-    assert (x.abs() <= 4.0).all(1).float().mean() > 0.99
-    assert x.mean(0).abs().max() < 0.5
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(sample_toy(name, 50, gen_a), sample_toy(name, 50, gen_b))
+    assert not torch.equal(sample_toy(name, 50, gen_a), sample_toy(name, 50, torch.Generator().manual_seed(1)))  # advanced
+    assert x.abs().max() < 5.0 and x.mean(0).abs().max() < 0.5
 
 
-def test_sample_toy_dtype_device():
-    x = sample_toy("rings", 10, seed=0, dtype=torch.float64)
-    assert x.dtype == torch.float64 and x.device.type == "cpu"
-    assert torch.allclose(x.float(), sample_toy("rings", 10, seed=0))
+def _uniform_fraction(counts: torch.Tensor) -> torch.Tensor:
+    return counts.float() / counts.sum()
 
 
-def test_checkerboard_alternate_squares():
-    x = sample_toy("checkerboard", 5000)
-    parity = (torch.floor(x[:, 0] / 2) + torch.floor(x[:, 1] / 2)) % 2
-    assert (parity == 0).all()
-    assert (x.abs() <= 4).all()
-    # All 8 white squares are populated, each with about 1/8 of the mass.
-    cells = torch.unique(torch.floor(x / 2), dim=0, return_counts=True)[1]
-    assert len(cells) == 8 and cells.min() > 500
+def test_eight_gaussians_paper_parameters():
+    """Radius 2, std 0.08, equal weights: offsets from the nearest centre have variance 0.08^2 per axis."""
+    x = sample_toy("eight_gaussians", 40000, seed=0, dtype=torch.float64)
+    angles = torch.arange(8, dtype=torch.float64) * math.pi / 4
+    centres = 2 * torch.stack([angles.cos(), angles.sin()], 1)
+    nearest = torch.cdist(x, centres).argmin(1)
+    offsets = x - centres[nearest]
+    assert offsets.mean(0).abs().max() < 0.002
+    torch.testing.assert_close(offsets.var(0), torch.full((2,), 0.08**2, dtype=torch.float64), rtol=0.03, atol=0)
+    assert (_uniform_fraction(torch.bincount(nearest, minlength=8)) - 1 / 8).abs().max() < 0.006
+    assert abs(float(x.norm(dim=1).mean()) - 2.0) < 0.01
+    ffjord = sample_toy("ffjord_8gaussians", 20000, seed=0)  # alias of ffjord_eight_gaussians
+    assert abs(float(ffjord.norm(dim=1).mean()) - 2 * math.sqrt(2)) < 0.05
 
 
-def test_eight_gaussians_near_centres():
-    x = sample_toy("eight_gaussians", 4000)
-    angles = torch.arange(8) * math.pi / 4
-    centres = 2 * math.sqrt(2) * torch.stack([angles.cos(), angles.sin()], 1)
-    dist, nearest = torch.cdist(x, centres).min(1)
-    assert dist.mean() < 0.5 and (dist < 1.2).float().mean() > 0.99
-    assert torch.bincount(nearest, minlength=8).min() > 400
+def test_checkerboard_paper_parameters():
+    """4x4 tiles on [-2, 2]^2 (i + j even), equal weights, Gaussian noise 0.05."""
+    x = sample_toy("checkerboard", 40000, seed=0, dtype=torch.float64)
+    clean = sample_toy(replace(TOYS["checkerboard"], noise=0.0), 40000, seed=0, dtype=torch.float64)
+    assert clean.abs().max() <= 2.0 and clean.abs().max() > 1.99
+    cells = torch.floor(clean + 2).long()
+    assert ((cells.sum(1) % 2) == 0).all()
+    tiles, counts = torch.unique(cells, dim=0, return_counts=True)
+    assert len(tiles) == 8 and (_uniform_fraction(counts) - 1 / 8).abs().max() < 0.006
+    # Same draws but the noise: the noise is the difference, N(0, 0.05^2) per axis.
+    noise = x - clean
+    torch.testing.assert_close(noise.std(0), torch.full((2,), 0.05, dtype=torch.float64), rtol=0.02, atol=0)
+    # Marginals: uniform on [-2, 2] (variance 4/3) plus the noise.
+    torch.testing.assert_close(x.var(0), torch.full((2,), 4 / 3 + 0.05**2, dtype=torch.float64), rtol=0.02, atol=0)
+    ffjord = sample_toy("ffjord_checkerboard", 5000)
+    assert ((torch.floor(ffjord[:, 0] / 2) + torch.floor(ffjord[:, 1] / 2)) % 2 == 0).all() and ffjord.abs().max() <= 4
+    with pytest.raises(DriftopsError, match="even number of tiles"):
+        replace(TOYS["checkerboard"], tiles=3)
+
+
+def test_moons_and_spiral_paper_parameters():
+    moons = sample_toy("moons", 40000, seed=0, dtype=torch.float64)
+    clean = sample_toy(replace(TOYS["moons"], noise=0.0), 40000, seed=0, dtype=torch.float64)
+    centre = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    upper = ((clean + centre).norm(dim=1) - 1).abs() < 1e-9
+    lower = ((clean + centre - torch.tensor([1.0, 0.5], dtype=torch.float64)).norm(dim=1) - 1).abs() < 1e-9
+    assert (upper | lower).all() and abs(float(upper.double().mean()) - 0.5) < 0.01
+    torch.testing.assert_close((moons - clean).std(0), torch.full((2,), 0.08, dtype=torch.float64), rtol=0.02, atol=0)
+    assert moons.mean(0).abs().max() < 0.01
+    spiral = sample_toy("spiral", 40000, seed=0, dtype=torch.float64)
+    bare = sample_toy(replace(TOYS["spiral"], noise=0.0), 40000, seed=0, dtype=torch.float64)
+    torch.testing.assert_close((spiral - bare).std(0), torch.full((2,), 0.05, dtype=torch.float64), rtol=0.02, atol=0)
+    r = bare.norm(dim=1)
+    assert r.max() <= 2.0 + 1e-9 and abs(float((r / 2).pow(2).mean()) - 0.5) < 0.01  # s = r / radius, s^2 uniform
+    assert bare.mean(0).abs().max() < 0.02  # the two arms mirror each other
 
 
 def test_rings_radii():
     r = sample_toy("rings", 4000).norm(dim=1)
     off = (r[:, None] - torch.tensor([0.875, 1.75, 2.625, 3.5])).abs().min(1).values
     assert (off < 0.4).float().mean() > 0.99
+
+
+def test_one_target_parser():
+    assert resolve_target("8gaussians") == "eight_gaussians" and resolve_target("checkerboard") == "checkerboard"
+    assert resolve_target("digits") == "digits" and resolve_target("a/b.npz") == "a/b.npz"
+    with pytest.raises(DriftopsError, match="unknown target 'banana'.*8gaussians"):
+        resolve_target("banana")
+    assert torch.equal(sample_toy("8gaussians", 10, seed=1), sample_toy("eight_gaussians", 10, seed=1))
+    with pytest.raises(DriftopsError, match="not a toy"):
+        sample_toy("digits", 10)
 
 
 def test_unknown_toy_and_bad_n():

@@ -74,3 +74,24 @@ def test_velocity_field_errors():
         v(torch.randn(4, 2), torch.zeros(3))
     with pytest.raises(DriftopsError, match="sinusoidal"):
         VelocityField(time_embedding="learned")
+
+
+def test_wide_generator_is_the_papers_network():
+    """hidden 256, 6 blocks of Linear(h, 2h), LayerNorm, SiLU, Linear(2h, h), LayerNorm after an input LayerNorm;
+    residual scale 0.9, output weights of std 0.001 and zero bias, noise 16: 1,592,066 parameters."""
+    torch.manual_seed(0)
+    gen = Generator(arch="wide")
+    assert sum(p.numel() for p in gen.parameters()) == 1_592_066
+    net = gen.net
+    assert isinstance(net.inp_norm, torch.nn.LayerNorm) and net.residual_scale == 0.9 and len(net.blocks) == 6
+    kinds = [type(m).__name__ for m in net.blocks[0]]
+    assert kinds == ["Linear", "LayerNorm", "SiLU", "Linear", "LayerNorm"]
+    assert net.blocks[0][0].weight.shape == (512, 256) and net.blocks[0][3].weight.shape == (256, 512)
+    assert abs(float(net.out.weight.detach().std()) - 1e-3) < 2e-4 and float(net.out.bias.detach().abs().max()) == 0
+    z = torch.randn(7, 16)
+    h = net.inp_norm(net.inp(z))
+    for block in net.blocks:
+        h = h + 0.9 * block(h)
+    torch.testing.assert_close(gen(z), net.out(h))
+    with pytest.raises(DriftopsError, match="compact"):
+        Generator(arch="huge")

@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import driftops
 from driftops.errors import DriftopsError
-from driftops.train import METHODS, Drifting, Run, TrainConfig, load_checkpoint, train
+from driftops.data import load_points
+from driftops.train import METHODS, Drifting, Run, TrainConfig, evaluate, load_checkpoint, read_metrics, sample_run, save_samples, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,7 @@ def tiny(out: Path, **overrides) -> TrainConfig:
 )
 def test_trainer_reduces_w2(tmp_path, method, plan, extra):
     cfg = tiny(tmp_path / "run", method=method, plan=plan, **{"steps": 150, **extra})
-    run = Run(cfg, METHODS[method])
+    run = Run.open(cfg, METHODS[method])
     before = run.evaluate_w2()
     run.train()
     after = run.evaluate_w2()
@@ -50,7 +52,7 @@ def test_trainer_reduces_w2(tmp_path, method, plan, extra):
 def test_one_flow_step_fit_is_the_drifting_loss(tmp_path, plan):
     """batch == minibatch, one drift step of size 1: the round's gradient is that of MSE(x, stopgrad(x + V))."""
     cfg = tiny(tmp_path / "run", plan=plan, dtype="float64", batch=64, sinkhorn_tol=1e-9, sinkhorn_iters=200)
-    run = Run(cfg, Drifting)
+    run = Run.open(cfg, Drifting)
     params = list(run.model.parameters())
     state = run.rng.get_state()
     seen = []
@@ -80,7 +82,7 @@ def _temp_files(folder: Path) -> list[Path]:
 
 def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     cfg = tiny(tmp_path / "run", plan="one_sided", steps=4, checkpoint_every=2)
-    run = Run(cfg, Drifting)
+    run = Run.open(cfg, Drifting)
     run.train()
     assert _temp_files(run.dir) == []
     good = (run.dir / "checkpoint.pt").read_bytes()
@@ -126,19 +128,22 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, met
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
-    log_a, log_b = ((p / "metrics.jsonl").read_text() for p in (tmp_path / "straight", tmp_path / "resumed"))
-    assert log_a == log_b
+    log_a, log_b = ([{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / p)] for p in ("straight", "resumed"))
+    assert log_a == log_b and len(log_a) >= 6 and log_a[-1]["step"] == 12
 
 
 def test_conditional_digits_training_and_eval(tmp_path):
-    from driftops.train.commands import evaluate
-
     cfg = tiny(tmp_path / "run", target="digits", latent_dim=8, conditional=True, plan="one_sided", steps=10, batch=100, target_batch=500, eps=[2.0])
     train(cfg)
     result = evaluate(cfg.out, n=300)
     assert 0 <= result["accuracy"] <= 1 and 0 <= result["coverage"] <= 1
     assert set(result["w2_per_class"]) == {str(k) for k in range(10)}
     assert (Path(cfg.out) / "digits.png").is_file()
+    points, labels = sample_run(cfg.out, 25)
+    assert points.shape == (25, 8) and labels.tolist() == [k % 10 for k in range(25)]
+    save_samples(tmp_path / "s.npz", points, labels, [str(k) for k in range(10)])
+    back = load_points(tmp_path / "s.npz")  # one array per class, as the loader reads class data
+    assert back.classes == [str(k) for k in range(10)] and torch.allclose(back.per_class()["3"], points[labels == 3])
 
 
 def test_bad_configurations_raise(tmp_path):
@@ -168,3 +173,38 @@ def test_train_and_eval_commands(tmp_path):
     assert result["w2"] > 0 and result["w2_exact"]
     for name in ("samples.png", "curves.png"):
         assert (out / name).is_file()
+
+
+def test_paper_preset_builds_the_protocol(tmp_path):
+    cfg = TrainConfig.from_preset("paper", target="8gaussians", plan="sinkhorn", eps=[0.01], out=str(tmp_path / "p"))
+    assert (cfg.batch, cfg.steps, cfg.lr, cfg.sinkhorn_iters, cfg.eval_every, cfg.eval_points) == (1024, 5000, 2e-4, 20, 100, 1000)
+    assert cfg.target == "eight_gaussians" and cfg.flow_options()["max_iter"] == 20
+    run = Run(cfg, Drifting)
+    assert sum(p.numel() for p in run.model.parameters()) == 1_592_066
+    assert run.ema is run.model and not run.cfg.grad_clip  # no EMA copy, no clipping
+    assert isinstance(run.optimizer, torch.optim.AdamW) and run.optimizer.param_groups[0]["lr"] == 2e-4
+    assert not (tmp_path / "p").exists()  # building a Run writes nothing
+
+
+def test_one_forward_pass_per_round(tmp_path):
+    run = Run.open(tiny(tmp_path / "run", plan="sinkhorn", steps=1), Drifting)
+    calls = []
+    run.model.register_forward_hook(lambda *a: calls.append(1))
+    run.method.round(run)
+    assert len(calls) == 1 and run.step == 1
+
+
+def test_sample_command_and_held_out_eval(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out, plan="one_sided", steps=5))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "driftops", "sample", str(out), "--n", "123", "--out", str(tmp_path / "s.npy"), "--seed", "4"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True)
+    points, labels = sample_run(out, 123, seed=4)
+    assert labels is None and points.shape == (123, 2)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), points.numpy())
+    held_out = tmp_path / "held.npy"
+    np.save(held_out, points.numpy()[:100])
+    result = evaluate(out, n=100, seed=4, target_file=held_out)  # the same samples as reference: W2^2 is 0
+    assert result["n"] == 100 and result["w2"] < 1e-10 and result["target_file"] == str(held_out)
+    assert evaluate(out, n=100, seed=5, target_file=held_out)["w2"] > 1e-4

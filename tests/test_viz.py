@@ -50,3 +50,20 @@ def test_bad_input(tmp_path):
         viz.plot_history(None, tmp_path / "x.png")
     with pytest.raises(driftops.DriftopsError, match="results is empty"):
         viz.plot_compare({}, torch.zeros(3, 2), tmp_path / "x.png")
+
+
+def test_run_figures(tmp_path):
+    y = sample_toy("checkerboard", 400, seed=1)
+    x = sample_toy("checkerboard", 300, seed=2) * 0.9
+    runs = torch.rand(3, 5).numpy() + 0.1
+    path = viz.plot_curve_bands({"checkerboard eps=0.01": {"sinkhorn": (range(0, 500, 100), runs)}, "b": {"one_sided": (range(5), runs)}}, tmp_path / "curves.png")
+    with Image.open(path) as im:
+        assert im.size[0] > 1.5 * im.size[1]  # two panels side by side
+    cells = {(r, c): (x, y, f"W2²={i:.3f}") for i, (r, c) in enumerate([("one_sided", "eps=0.1"), ("sinkhorn", "eps=0.1"), ("sinkhorn", "eps=0.01")])}
+    path = viz.plot_scatter_grid(cells, tmp_path / "grid.png", ["one_sided", "sinkhorn"], ["eps=0.1", "eps=0.01"])
+    with Image.open(path) as im:
+        assert im.size[0] > 300 and im.size[1] > 300
+    canvas = viz.digit_grid(torch.ones(20, 8, 8), torch.arange(20) % 10, per_class=2)
+    assert canvas.shape == (91, 19) and canvas.sum() == 20 * 64
+    with pytest.raises(driftops.DriftopsError, match="cells is empty"):
+        viz.plot_scatter_grid({}, tmp_path / "x.png", [], [])

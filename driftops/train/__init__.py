@@ -1,45 +1,32 @@
 """Training compact generators from drift fields and Sinkhorn divergences.
 
 Methods (``TrainConfig.method``): ``drifting`` (flow-then-fit, :mod:`.drifting`), ``sinkhorn_loss``
-(Genevay et al., :mod:`.sinkhorn_loss`) and ``nsgf`` (velocity matching, :mod:`.nsgf`)::
+(Genevay et al., :mod:`.sinkhorn_loss`) and ``nsgf`` (velocity matching, :mod:`.nsgf`). Modules by
+job: :mod:`.config` (TrainConfig, presets), :mod:`.targets` (what a run learns), :mod:`.storage`
+(the run folder: atomic writes, checkpoint, metrics log), :mod:`.method` (the method interface and
+the trainers' one drift call), :mod:`.loop` (the Run and its training loop), :mod:`.api` (train,
+load, sample, evaluate)::
 
-    from driftops.train import TrainConfig, train
+    from driftops.train import TrainConfig, train, sample_run
     summary = train(TrainConfig(method="drifting", target="checkerboard", plan="sinkhorn", eps=[0.05], out="runs/a"))
+    summary = train(TrainConfig.from_preset("paper", target="checkerboard", eps=[0.01], out="runs/paper"))
+    points, labels = sample_run("runs/a", 10_000)   # (10000, 2) samples of the trained generator
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from torch import nn
-
-from ..checks import check_choice
-from .common import CHECKPOINT, GeneratorMethod, Method, Run, Target, TrainConfig, load_checkpoint, read_metrics
+from .api import METHODS, draw_samples, evaluate, evaluation_set, load_run, sample_model, sample_run, save_samples, train
+from .config import PRESETS, TrainConfig
 from .drifting import Drifting, drift_targets
+from .loop import Run
+from .method import GeneratorMethod, Method, drift_flow
 from .nsgf import NSGF
 from .sinkhorn_loss import SinkhornLoss
-
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Drifting, SinkhornLoss, NSGF)}
-
-
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train in ``cfg.out`` (continuing its checkpoint when ``resume``); returns the ``metrics.json`` summary."""
-    check_choice(cfg.method, list(METHODS), "method")
-    return Run(cfg, METHODS[cfg.method], resume).train()
-
-
-def load_run(run_dir: str | Path, device: str | None = None) -> tuple[TrainConfig, Method, nn.Module]:
-    """A trained run's config, method and EMA model (eval mode) from its folder."""
-    cfg = TrainConfig.load(Path(run_dir) / "config.json")
-    if device is not None:
-        cfg.device = device
-    method = METHODS[check_choice(cfg.method, list(METHODS), "method")](cfg, Target.from_config(cfg))
-    model = method.build_model().to(cfg.device, cfg.torch_dtype)
-    model.load_state_dict(load_checkpoint(run_dir, cfg.device)["ema"])
-    return cfg, method, model.eval().requires_grad_(False)
-
+from .storage import CHECKPOINT, load_checkpoint, read_metrics
+from .targets import Target
 
 __all__ = [
-    "TrainConfig", "Target", "Run", "Method", "GeneratorMethod", "Drifting", "SinkhornLoss", "NSGF",
-    "METHODS", "train", "load_run", "drift_targets", "read_metrics", "CHECKPOINT",
+    "TrainConfig", "PRESETS", "Target", "Run", "Method", "GeneratorMethod", "Drifting", "SinkhornLoss", "NSGF",
+    "METHODS", "train", "load_run", "sample_model", "draw_samples", "sample_run", "save_samples", "evaluate", "evaluation_set",
+    "drift_targets", "drift_flow", "read_metrics", "load_checkpoint", "CHECKPOINT",
 ]

@@ -1,9 +1,9 @@
 """Flow-then-fit drift training (Deng et al., "Generative Modeling via Drifting"; Sinkhorn drifting).
 
-Each round: draw ``batch`` samples x = G(z) without gradients, move them by ``flow_steps`` drift
-steps toward target samples (class c against class-c data only when conditional), then fit G to
-the moved points on the same z by minibatch MSE. With one flow step of size 1 and
-``minibatch == batch`` one round is one step on ``MSE(G(z), stopgrad(G(z) + V))``.
+Each round: draw ``batch`` samples x = G(z), move them by ``flow_steps`` drift steps toward target
+samples (class c against class-c data only when conditional), then fit G to the moved points on the
+same z by minibatch MSE. With one flow step of size 1 and ``minibatch == batch`` one round is one
+step on ``MSE(G(z), stopgrad(G(z) + V))``, computed from a single forward pass.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import GeneratorMethod, Run, TrainConfig, drift_flow
+from .config import TrainConfig
+from .loop import Run
+from .method import GeneratorMethod, drift_flow
 
 
 def drift_targets(
@@ -22,27 +24,38 @@ def drift_targets(
     ``positives``: ``{None: y}`` or ``{c: y_c}`` as :meth:`GeneratorMethod.draw` returns. Also returns
     the largest Sinkhorn marginal error met (0 for other plans).
     """
+    x = x.detach()
     out = torch.empty_like(x)
     error = 0.0
     for c, y in positives.items():
         rows = slice(None) if c is None else labels == c
-        out[rows], info = drift_flow(x[rows], y, cfg, cfg.flow_steps)
-        error = max(error, info.marginal_error)
+        result = drift_flow(x[rows], y, cfg, cfg.flow_steps)
+        out[rows] = result.x
+        error = max(error, *result.history["marginal_error"])
     return out, error
 
 
 class Drifting(GeneratorMethod):
-    """Flow-then-fit: drift targets from a large no-grad batch, then ``batch / minibatch`` MSE steps."""
+    """Flow-then-fit: drift targets from a batch of samples, then ``batch / minibatch`` MSE steps.
+
+    With ``minibatch == batch`` the samples' forward pass (with gradients) also serves the fit;
+    otherwise they are drawn without gradients and each minibatch is re-evaluated.
+    """
 
     name = "drifting"
 
     def round(self, run: Run) -> dict[str, float]:
         cfg = self.cfg
         z, labels, positives = self.draw(run.rng)
-        with torch.no_grad():
+        if cfg.fit_batch == cfg.batch:
             x = run.model(z, labels)
             targets, error = drift_targets(x, labels, positives, cfg)
-        order = torch.randperm(cfg.batch, generator=run.rng).to(cfg.device) if cfg.batch > cfg.fit_batch else torch.arange(cfg.batch, device=cfg.device)
+            loss = F.mse_loss(x, targets)
+            run.optimise(loss)
+            return {"loss": float(loss.detach()), "marginal_error": error}
+        with torch.no_grad():
+            targets, error = drift_targets(run.model(z, labels), labels, positives, cfg)
+        order = torch.randperm(cfg.batch, generator=run.rng, device=cfg.device)
         losses = []
         for idx in order.split(cfg.fit_batch)[: run.remaining]:
             loss = F.mse_loss(run.model(z[idx], None if labels is None else labels[idx]), targets[idx])

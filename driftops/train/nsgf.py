@@ -1,7 +1,7 @@
 """Neural Sinkhorn Gradient Flow (Zhu et al., NSGF): velocity matching on a Sinkhorn particle flow.
 
 The pool: ``batch`` particles x_0 ~ N(0, I) flow to ``target_batch`` target points by ``flow_steps``
-steps ``x_{k+1} = x_k + step_size * V(x_k)`` (:func:`driftops.drift`, warm-started). It stores
+steps ``x_{k+1} = x_k + step_size * V(x_k)`` (:func:`driftops.flow`, warm-started). It stores
 ``(x_k, t_k = k/K, v_k = K * step_size * V(x_k))``, so that Euler steps of size 1/K with v
 reproduce the flow on t in [0, 1]. A :class:`~driftops.models.VelocityField` regresses v by MSE;
 sampling integrates it with ``sample_steps`` Euler steps (default ``flow_steps``).
@@ -15,7 +15,8 @@ from torch import nn
 
 from ..errors import DriftopsError
 from ..models import VelocityField
-from .common import Method, Run, drift_flow
+from .loop import Run
+from .method import Method, drift_flow
 
 
 class NSGF(Method):
@@ -38,20 +39,21 @@ class NSGF(Method):
         x0 = self.noise(cfg.batch, self.target.dim, rng)
         y = self.target.sample(cfg.target_batch or cfg.batch, rng)
         k_total = cfg.flow_steps
-        xs, ts, vs = [], [], []
+        xs = [x0]
 
-        def record(k: int, x: torch.Tensor, v: torch.Tensor) -> None:
-            xs.append(x)
-            ts.append(torch.full((len(x),), k / k_total, dtype=x.dtype, device=x.device))
-            vs.append(k_total * cfg.step_size * v)
+        def record(step: int, x: torch.Tensor, info) -> None:
+            xs.append(x.clone())
 
         drift_flow(x0, y, cfg, k_total, record)
-        self.pool = {"x": torch.cat(xs), "t": torch.cat(ts), "v": torch.cat(vs)}
+        path = torch.stack(xs)  # (K + 1, batch, D): x_0 .. x_K
+        t = torch.arange(k_total, dtype=x0.dtype, device=x0.device) / k_total
+        # x_{k+1} - x_k = step_size * V(x_k), so K * (x_{k+1} - x_k) = K * step_size * V(x_k).
+        self.pool = {"x": path[:-1].flatten(0, 1), "t": t.repeat_interleave(len(x0)), "v": (k_total * (path[1:] - path[:-1])).flatten(0, 1)}
 
     def round(self, run: Run) -> dict[str, float]:
         if self.pool is None:
             self.build_pool(run.rng)
-        idx = torch.randint(len(self.pool["x"]), (self.cfg.fit_batch,), generator=run.rng).to(self.cfg.device)
+        idx = torch.randint(len(self.pool["x"]), (self.cfg.fit_batch,), generator=run.rng, device=self.cfg.device)
         loss = F.mse_loss(run.model(self.pool["x"][idx], self.pool["t"][idx]), self.pool["v"][idx])
         run.optimise(loss)
         return {"loss": float(loss.detach())}

@@ -11,7 +11,8 @@ import torch
 
 from ..divergence import sinkhorn_divergence
 from ..errors import DriftopsError
-from .common import GeneratorMethod, Run
+from .loop import Run
+from .method import GeneratorMethod
 
 
 class SinkhornLoss(GeneratorMethod):

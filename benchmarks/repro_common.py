@@ -1,0 +1,89 @@
+"""Plumbing of the reproduction scripts: resumable result stores, resumable training, mean ± std tables.
+
+Every script keeps one JSON store of finished cases, written atomically after each (config, seed) case,
+and trains each case in its own run folder under ``benchmarks/results/runs/<script>/``; a killed
+script restarted with the same command skips the finished cases and resumes the interrupted run from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from driftops.train import TrainConfig, read_metrics, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Store:
+    """Finished cases of a script, ``{key: record}``, in ``benchmarks/results/<name>.json`` (with the command line)."""
+
+    def __init__(self, name: str) -> None:
+        self.path = RESULTS / f"{name}.json"
+        self.records: dict[str, dict] = json.loads(self.path.read_text())["records"] if self.path.exists() else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def add(self, key: str, record: dict) -> None:
+        self.records[key] = record
+        meta = {"command": command_line(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+        write_atomic(self.path, json.dumps({"meta": meta, "records": self.records}, indent=1) + "\n")
+
+
+def command_line() -> str:
+    """The command that runs this script as it was started."""
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def train_resumable(cfg: TrainConfig) -> dict:
+    """Train ``cfg`` to ``cfg.steps`` steps: a new run, or the run in ``cfg.out`` continued from its checkpoint."""
+    done = Path(cfg.out) / "metrics.json"
+    if done.exists() and json.loads(done.read_text())["steps"] >= cfg.steps:
+        return json.loads(done.read_text())
+    return train(cfg, resume=(Path(cfg.out) / "checkpoint.pt").exists())
+
+
+def curve(run_dir: str | Path) -> tuple[list[int], list[float], list[float]]:
+    """Steps, training seconds and W2^2 of the evaluations logged in a run folder."""
+    rows = [r for r in read_metrics(run_dir) if "w2" in r]
+    return [r["step"] for r in rows], [r["seconds"] for r in rows], [r["w2"] for r in rows]
+
+
+def mean_std(values: list[float], digits: int = 3) -> str:
+    """``mean ± std`` (sample std over seeds; ± 0 for one value); '-' for none."""
+    if not values:
+        return "-"
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def write_markdown(name: str, title: str, table: list[str], protocol: str) -> Path:
+    """``benchmarks/results/<name>.md``: a title, the table, the protocol and the command that made it."""
+    text = f"# {title}\n\n" + "\n".join(table) + f"\n\n{protocol.strip()}\n\nMade by `{command_line()}`.\n"
+    path = RESULTS / f"{name}.md"
+    write_atomic(path, text)
+    print(text)
+    return path
