@@ -21,6 +21,7 @@ from .checks import as_eps, as_points, check_choice
 from .drift import DriftInfo, drift
 from .errors import DivergenceError, DriftopsError
 from .plans import PLANS
+from .sinkhorn import Sinkhorn, as_solver
 
 Schedule = Callable[[int], float] | Sequence[float] | None
 DIVERGENCE_HINT = "use a smaller step_size or a larger eps"
@@ -39,6 +40,7 @@ class FlowResult:
     (squared W2 between fixed random subsets of the particles and of the target).
     steps: number of steps taken (fewer than asked if the callback stopped the flow).
     seconds: total wall time, metrics included.
+    info: the Sinkhorn state after the last step (a warm start for a later flow or drift).
     """
 
     x: torch.Tensor | np.ndarray
@@ -47,6 +49,7 @@ class FlowResult:
     history: dict[str, list] = field(default_factory=dict)
     steps: int = 0
     seconds: float = 0.0
+    info: DriftInfo | None = None
 
 
 def _resolve(schedule: Schedule, default, steps: int, name: str) -> list:
@@ -105,10 +108,12 @@ def flow(
     plan: str = "sinkhorn",
     cost: str = "sqeuclidean",
     backend="auto",
-    tol: float = 1e-3,
-    max_iter: int = 1000,
+    tol: float | None = None,
+    max_iter: int | None = None,
     group=None,
     *,
+    solver: Sinkhorn | None = None,
+    warm_start: DriftInfo | None = None,
     eps_schedule: Schedule = None,
     step_schedule: Schedule = None,
     snapshot_every: int | None = None,
@@ -122,7 +127,9 @@ def flow(
     """Flow particles x0 (N, D) toward the target y (M, D) along the drift of ``plan``.
 
     Each step computes ``V = drift(x, y, eps, plan, ...)`` (see :func:`driftops.drift`) and sets
-    ``x <- x + step_size * V``. eps_schedule / step_schedule: callables ``k -> value`` of the
+    ``x <- x + step_size * V``. solver / tol / max_iter: the Sinkhorn settings, as for :func:`driftops.drift`;
+    Sinkhorn potentials carry over from step to step, and from ``warm_start`` (a :class:`DriftInfo`, e.g. the
+    ``info`` of a previous flow on other points) into the first step. eps_schedule / step_schedule: callables ``k -> value`` of the
     0-based step index, or sequences of at least ``steps`` values; they replace eps / step_size.
     snapshot_every: steps between snapshots (None: about 50 snapshots); step 0 and the last step
     are always kept, each on the same random subset of at most ``max_snapshot_points`` particles.
@@ -136,6 +143,7 @@ def flow(
     y = as_points(y, "y", like=x).detach().contiguous()
     steps = _positive_int(steps, "steps")
     check_choice(plan, PLANS, "plan")
+    solver = as_solver(solver, tol, max_iter)
     eps_values = [as_eps(e) for e in _resolve(eps_schedule, eps, steps, "eps_schedule")]
     sizes = [_step_size(s, k) for k, s in enumerate(_resolve(step_schedule, step_size, steps, "step_schedule"))]
     snapshot_every = _positive_int(snapshot_every, "snapshot_every", True) or max(1, round(steps / 50))
@@ -161,7 +169,7 @@ def flow(
 
     start = time.perf_counter()
     record(0, True, True)
-    info: DriftInfo | None = None
+    info = warm_start
     unconverged = 0
     with torch.no_grad(), tqdm(range(steps), desc=f"flow ({plan})", disable=not progress, unit="step") as bar:
         for k in bar:
@@ -171,7 +179,7 @@ def flow(
             try:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", "Sinkhorn stopped", RuntimeWarning)  # summarised once below
-                    v, info = drift(x, y, eps_k, plan, cost, True, backend, tol, max_iter, group, warm_start=info, return_info=True)
+                    v, info = drift(x, y, eps_k, plan, cost, True, backend, group=group, solver=solver, warm_start=info, return_info=True)
             except DriftopsError as err:
                 if k == 0:
                     raise
@@ -200,9 +208,10 @@ def flow(
             if stop:
                 break
     result.seconds = time.perf_counter() - start
+    result.info = info
     if unconverged:
         warnings.warn(
-            f"Sinkhorn did not reach tol={tol:g} within max_iter={max_iter} in {unconverged} of {result.steps} steps "
+            f"Sinkhorn did not reach tol={solver.tol:g} within max_iter={solver.max_iter} in {unconverged} of {result.steps} steps "
             f"(largest marginal error {max(history['marginal_error']):.2e}); raise max_iter or tol, or use a larger eps",
             RuntimeWarning,
             stacklevel=2,

@@ -292,12 +292,11 @@ class _Progress:
     it: int = 0
     best: float = math.inf
     since: int = 0
-    omega: float = 1.0
 
-    def stalled(self, err: float, omega: float = 1.0) -> bool:
-        """True after ``solver.stall`` iterations at the same ω without a 1% improvement of the best error."""
-        if err < 0.99 * self.best or omega != self.omega:
-            self.best, self.since, self.omega = min(err, self.best) if omega == self.omega else err, self.it, omega
+    def stalled(self, err: float) -> bool:
+        """True after ``solver.stall`` iterations without a 1% improvement of the best error."""
+        if err < 0.99 * self.best:
+            self.best, self.since = err, self.it
         return self.it - self.since >= self.solver.stall
 
 
@@ -333,7 +332,7 @@ def _iterate_cross(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, ep
             if err < tol:
                 return f, g, err, p.it, False
             w = omega.observe(p.it, err)
-            if p.stalled(err, w):
+            if p.stalled(err):
                 return f, g, err, p.it, True
         w = omega.value
         g = relax(g, g_star, w, eps)

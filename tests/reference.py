@@ -27,19 +27,22 @@ def two_sided_map(x, y, eps, kind="sqeuclidean", mask=False):
     return (a / a.sum(1, keepdim=True)) @ y
 
 
-def sinkhorn_map(x, y, eps, kind="sqeuclidean", iters=20000):
-    """Row-normalised Sinkhorn plan by plain (non-annealed) log-domain iterations, run to machine precision."""
+def sinkhorn_map(x, y, eps, kind="sqeuclidean", iters=50000, wx=None, wy=None):
+    """Row-normalised Sinkhorn plan by plain (non-annealed) log-domain iterations, run to machine precision.
+
+    wx, wy: optional non-negative weights of the points (uniform when None)."""
     s = -cost(x, y, kind) / eps
-    la, lb = -torch.log(torch.tensor(float(x.shape[0]))), -torch.log(torch.tensor(float(y.shape[0])))
+    la = torch.full((x.shape[0],), -torch.log(torch.tensor(float(x.shape[0]))).item(), dtype=x.dtype) if wx is None else (wx / wx.sum()).log()
+    lb = torch.full((y.shape[0],), -torch.log(torch.tensor(float(y.shape[0]))).item(), dtype=x.dtype) if wy is None else (wy / wy.sum()).log()
     f = torch.zeros(x.shape[0], dtype=x.dtype)
     g = torch.zeros(y.shape[0], dtype=x.dtype)
     for _ in range(iters):
         f_old = f
-        f = -torch.logsumexp(s + lb + g[None, :], 1)
-        g = -torch.logsumexp(s + la + f[:, None], 0)
-        if (f - f_old).abs().max() < 1e-13:
+        f = -torch.logsumexp(s + lb[None, :] + g[None, :], 1)
+        g = -torch.logsumexp(s + la[:, None] + f[:, None], 0)
+        if (f - f_old).abs().max() < 1e-13 * max(eps, 1.0):
             break
-    return torch.softmax(s + g[None, :], 1) @ y
+    return torch.softmax(s + lb[None, :] + g[None, :], 1) @ y
 
 
 def drift(x, y, eps, plan, kind="sqeuclidean", mask=True):

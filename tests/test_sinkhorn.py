@@ -1,6 +1,10 @@
-"""Sinkhorn plan: convergence to the stated tolerance, the gradient identity, warm starts, distributed slices."""
+"""Sinkhorn solver: convergence to the stated tolerance and to dense references for every acceleration, the safeguard,
+stages, warm starts (same and new points), precision reporting, settings, the gradient identity, distributed slices."""
 
+import functools
+import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -10,9 +14,12 @@ import torch.multiprocessing as tmp
 import driftops
 from driftops.backends import KeOpsBackend
 from driftops.data import sample_toy
+from driftops.errors import DriftopsError
 from driftops.parallel import Cloud, Comm
-from driftops import plans
-from driftops.plans import Geometry, sinkhorn
+from driftops.plans import Geometry
+from driftops.sinkhorn import ACCELERATIONS, Sinkhorn, level, relax, sinkhorn, stages
+
+import reference
 
 
 def pair(n=300, m=200, dtype=torch.float64, seed=0):
@@ -33,7 +40,7 @@ def test_converges_to_tolerance(eps, symmetric):
     x, y = pair(400, 300)
     comm = Comm()
     src, dst = Cloud.split(x, comm), (None if symmetric else Cloud.split(y, comm))
-    res = sinkhorn(src, dst, Geometry(eps, "sqeuclidean", KeOpsBackend(), comm), tol=1e-3, max_iter=5000)
+    res = sinkhorn(src, dst, Geometry(eps, "sqeuclidean", KeOpsBackend(), comm), Sinkhorn(tol=1e-3, max_iter=5000))
     assert res.converged and res.marginal_error < 1e-3
     rows, cols = marginal_errors(x, x if symmetric else y, res, eps)
     assert cols < 1e-3 and rows < 1e-3
@@ -113,13 +120,15 @@ def test_coarse_level_keeps_mass_and_mean():
     w = torch.rand(3000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     cloud = Cloud(x, x, 0, w.log())
     geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), Comm())
-    coarse = plans._level(cloud, geom, 1.0)
-    assert 1 < coarse.full.shape[0] * plans.LEVEL_MIN_SHRINK <= 3000
+    solver = Sinkhorn()
+    coarse = level(cloud, geom, 1.0, solver)
+    assert 1 < coarse.full.shape[0] * solver.level_shrink <= 3000
     assert float(coarse.logw.exp().sum()) == pytest.approx(1.0, abs=1e-12)
     mean = (w[:, None] * x).sum(0) / w.sum()
     assert torch.allclose((coarse.logw.exp()[:, None] * coarse.full).sum(0), mean, atol=1e-12)
-    assert plans._level(cloud, geom, 1e-4) is cloud  # cells too small to shrink the cloud: the points themselves
-    assert plans._level(cloud, Geometry(0.01, "sqeuclidean", KeOpsBackend(), Comm()), 1.0) is cloud
+    assert level(cloud, geom, 1e-4, solver) is cloud  # cells too small to shrink the cloud: the points themselves
+    assert level(cloud, Geometry(0.01, "sqeuclidean", KeOpsBackend(), Comm()), 1.0, solver) is cloud
+    assert level(cloud, geom, 1.0, Sinkhorn(multiscale=False)) is cloud
 
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
@@ -132,7 +141,7 @@ def test_coarse_to_fine_annealing_reaches_the_same_potentials(cost, symmetric):
     eps = 0.05 if cost == "sqeuclidean" else 0.1
     runs = {}
     for name in ("auto", "dense"):  # "auto" anneals on coarse levels, "dense" on the points
-        runs[name] = sinkhorn(src, dst, Geometry(eps, cost, driftops.backends.get_backend(name), comm), tol=1e-7, max_iter=20000)
+        runs[name] = sinkhorn(src, dst, Geometry(eps, cost, driftops.backends.get_backend(name), comm), Sinkhorn(tol=1e-7, max_iter=20000))
         assert runs[name].converged
     # Potentials are defined up to a constant shifted between f and g; their sum on the plan's support is not.
     shift = float((runs["auto"].f - runs["dense"].f).mean())
@@ -147,11 +156,185 @@ def test_coarse_solve_at_the_target_temperature_leaves_few_fine_iterations():
     comm = Comm()
     src, dst = Cloud.split(x, comm), Cloud.split(y, comm)
     runs = {}
-    for name in ("auto", "dense"):  # "auto" solves eps = 0.01 first on 400 grid cells per cloud; "dense" has no levels
+    # "auto" solves eps = 0.01 first on 400 grid cells per cloud (and coarser ones); "dense" has no levels and iterates
+    # plainly on the points.
+    for name, accel in (("auto", "adaptive"), ("dense", "none")):
         geom = Geometry(0.01, "sqeuclidean", driftops.backends.get_backend(name), comm)
-        assert plans._level(src, geom, 0.01).full.shape[0] == (400 if name == "auto" else 3000)
-        runs[name] = sinkhorn(src, dst, geom, tol=1e-3, max_iter=5000)
+        assert level(src, geom, 0.01, Sinkhorn()).full.shape[0] == (400 if name == "auto" else 3000)
+        runs[name] = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-3, max_iter=5000, acceleration=accel))
         assert runs[name].converged
     assert runs["auto"].iterations * 5 <= runs["dense"].iterations
     rows, cols = marginal_errors(x, y, runs["auto"], 0.01)
     assert rows < 1e-10 and cols < 1e-3
+
+
+def unit_clouds(n, m, d, seed=0, dtype=torch.float64):
+    """x (n, d), y (m, d) with pairwise squared distances of order 1 whatever d, and positive weights of y (m,)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, d, generator=g, dtype=dtype) / math.sqrt(d)
+    y = (torch.rand(m, d, generator=g, dtype=dtype) + 0.3) / math.sqrt(d)
+    return x, y, torch.rand(m, generator=g, dtype=dtype) + 0.2
+
+
+@functools.lru_cache
+def reference_maps(n, m, d, eps):
+    """Clouds of :func:`unit_clouds` and their reference Sinkhorn maps x -> y (weighted y) and x -> x."""
+    x, y, wy = unit_clouds(n, m, d)
+    return x, y, wy, reference.sinkhorn_map(x, y, eps, wy=wy), reference.sinkhorn_map(x, x, eps)
+
+
+@pytest.mark.parametrize("acceleration", ACCELERATIONS)
+@pytest.mark.parametrize("n, m, d, eps", [(60, 45, 1, 0.3), (80, 50, 2, 0.03), (50, 70, 2, 0.003), (40, 30, 16, 0.03), (30, 40, 64, 0.1)])
+def test_every_acceleration_reaches_the_dense_reference(acceleration, n, m, d, eps):
+    x, y, wy, t_ref, s_ref = reference_maps(n, m, d, eps)
+    solver = Sinkhorn(tol=1e-10, max_iter=100000, acceleration=acceleration, omega=1.5)
+    v = driftops.drift(x, y, eps, plan="sinkhorn", backend="dense", solver=solver, y_weights=wy)
+    assert float((v - (t_ref - s_ref)).abs().max() / (t_ref - s_ref).abs().max()) < 1e-6
+    t = driftops.barycentric_map(x, y, eps, plan="sinkhorn", backend="keops", solver=solver, y_weights=wy)
+    assert float((t - t_ref).abs().max()) < 1e-6
+
+
+def dual(x, y, f, g, eps):
+    """Dense dual objective of entropic OT with uniform marginals: <a, f> + <b, g> - eps <a x b, exp((f + g - C)/eps) - 1>."""
+    c = torch.cdist(x, y) ** 2
+    a, b = 1.0 / x.shape[0], 1.0 / y.shape[0]
+    return float(a * f.sum() + b * g.sum() - eps * a * b * (torch.exp((f[:, None] + g[None, :] - c) / eps) - 1).sum())
+
+
+def test_safeguarded_half_steps_never_lower_the_dual_objective():
+    # A hard case: a cold start at a small eps, with a large factor, where plain over-relaxation does lower the dual.
+    x, y, _ = unit_clouds(70, 50, 2, seed=3)
+    eps, omega = 0.005, 1.95
+    comm = Comm()
+    src, dst = Cloud.split(x, comm), Cloud.split(y, comm)
+    geom = Geometry(eps, "sqeuclidean", driftops.backends.DenseBackend(), comm)
+
+    def exact_rows(g):
+        return -eps * torch.logsumexp(-torch.cdist(x, y) ** 2 / eps + (g / eps - math.log(y.shape[0]))[None, :], 1)
+
+    def exact_cols(f):
+        return -eps * torch.logsumexp(-torch.cdist(x, y) ** 2 / eps + (f / eps - math.log(x.shape[0]))[:, None], 0)
+
+    plain_drops = 0
+    f, g = torch.zeros(70, dtype=torch.float64), torch.zeros(50, dtype=torch.float64)
+    for _ in range(60):
+        g_star = exact_cols(f)
+        before = dual(x, y, f, g, eps)
+        plain_drops += dual(x, y, f, g + omega * (g_star - g), eps) < before - 1e-12
+        g = relax(g, g_star, omega, eps)
+        assert dual(x, y, f, g, eps) >= before - 1e-12
+        f_star = exact_rows(g)
+        before = dual(x, y, f, g, eps)
+        plain_drops += dual(x, y, f + omega * (f_star - f), g, eps) < before - 1e-12
+        f = relax(f, f_star, omega, eps)
+        assert dual(x, y, f, g, eps) >= before - 1e-12
+    assert plain_drops > 0  # the safeguard was needed
+    # The solver itself, from the same cold start, converges with these settings.
+    res = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-8, max_iter=20000, acceleration="fixed", omega=omega, annealing=0.5))
+    assert res.converged and reference_error(x, y, res, eps) < 1e-8
+
+
+def reference_error(x, y, res, eps):
+    return max(marginal_errors(x, y, res, eps))
+
+
+def test_adaptive_factor_is_raised_and_carried_over_warm_starts():
+    x, y, _ = unit_clouds(400, 300, 2, seed=4)
+    comm = Comm()
+    geom = Geometry(0.005, "sqeuclidean", driftops.backends.DenseBackend(), comm)
+    src, dst = Cloud.split(x, comm), Cloud.split(y, comm)
+    first = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, max_iter=20000))
+    plain = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, max_iter=20000, acceleration="none"))
+    assert first.converged and plain.converged and first.omega > 1.5
+    assert first.iterations < plain.iterations
+    x.add_(0.01 * (y.mean(0) - x))  # a flow step: the same points, moved in place
+    warm = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, max_iter=20000), warm_start=first)
+    assert warm.converged and warm.omega >= first.omega and warm.iterations < first.iterations
+    fixed = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, max_iter=20000, acceleration="fixed", omega=1.3), warm_start=first)
+    assert fixed.omega == 1.3
+    assert reference_error(x, y, warm, 0.005) < 1e-6
+
+
+def test_warm_start_carries_potentials_to_new_points():
+    comm = Comm()
+    geom = Geometry(0.01, "sqeuclidean", driftops.backends.DenseBackend(), comm)
+    solver = Sinkhorn(tol=1e-5, max_iter=20000)
+    clouds = [unit_clouds(300, 300, 2, seed=s) for s in (5, 6)]
+    (x0, y0, _), (x1, y1, _) = clouds
+    prev = sinkhorn(Cloud.split(x0, comm), Cloud.split(y0, comm), geom, solver)
+    src, dst = Cloud.split(x1, comm), Cloud.split(y1, comm)
+    cold = sinkhorn(src, dst, geom, solver)
+    warm = sinkhorn(src, dst, geom, solver, warm_start=prev)
+    assert warm.converged and warm.iterations + warm.coarse_iterations < cold.iterations + cold.coarse_iterations
+    assert reference_error(x1, y1, warm, 0.01) < 1e-5
+    own_prev = sinkhorn(Cloud.split(x0, comm), None, geom, solver)
+    own = sinkhorn(src, None, geom, solver, warm_start=own_prev)
+    assert own.converged and torch.equal(own.f, own.g)
+
+
+def test_stage_list_for_a_known_cloud():
+    # 64 x 64 grid points in [0, 1)^2: cells of side sqrt(eps) / 2 * 2^k hold known numbers of points.
+    t = torch.arange(64, dtype=torch.float64) / 64
+    x = torch.cartesian_prod(t, t)
+    comm = Comm()
+    cloud = Cloud.split(x, comm)
+    geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), comm)
+    plan = stages(cloud, None, geom, Sinkhorn(annealing=0.5), top=1.0)
+    assert [st.eps for st in plan] == pytest.approx([1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625] + [0.01] * 5)
+    assert [st.tol for st in plan] == [None] * 7 + [1e-3] * 5
+    assert [st.rows.full.shape[0] for st in plan[7:]] == [9, 25, 100, 400, 4096]
+    assert plan[-1].rows is cloud and all(st.cols is None for st in plan)
+    assert [st.rows.full.shape[0] for st in plan[:2]] == [4, 9]  # annealing temperatures on their own levels
+    assert [st.rows.full.shape[0] for st in stages(cloud, None, geom, Sinkhorn(multiscale=False), top=1.0)] == [4096] * 14
+    assert len(stages(cloud, None, geom, Sinkhorn(), top=None)) == 1
+
+
+def test_float32_at_tiny_eps_reports_the_error_reached():
+    x, y, _ = unit_clouds(300, 200, 2, seed=7, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="stopped decreasing.*float32"):
+        _, info = driftops.drift(x, y, 1e-3, backend="dense", solver=Sinkhorn(tol=1e-9, max_iter=100000, stall=100), return_info=True)
+    cross, _ = info.sinkhorn[1e-3]
+    assert not cross.converged and cross.iterations < 5000 and 1e-9 < cross.marginal_error < 1e-2
+    # float64 reaches the same tolerance
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = driftops.drift(x.double(), y.double(), 1e-3, backend="dense", solver=Sinkhorn(tol=1e-9, max_iter=100000), return_info=True)
+    assert info.marginal_error < 1e-9
+
+
+def test_solver_objects_are_accepted_everywhere(tmp_path):
+    x, y, _ = unit_clouds(100, 80, 2, seed=8)
+    capped = Sinkhorn(max_iter=3, acceleration="none")
+    with pytest.warns(RuntimeWarning, match="after 3 iterations"):
+        _, info = driftops.drift(x, y, 0.01, backend="dense", solver=capped, return_info=True)
+    assert all(r.iterations <= 3 for pair in info.sinkhorn.values() for r in pair)
+    # tol= and max_iter= replace the solver's stopping rule
+    _, info = driftops.drift(x, y, 0.01, backend="dense", solver=Sinkhorn(tol=1e-12), tol=0.5, return_info=True)
+    assert info.marginal_error < 0.5 and info.iterations < 10
+    with pytest.warns(RuntimeWarning, match="after 3 iterations"):
+        driftops.barycentric_map(x, y, 0.01, plan="sinkhorn", backend="dense", solver=capped)
+    res = driftops.flow(x, y, steps=2, eps=0.01, backend="dense", solver=Sinkhorn(tol=1e-4), progress=False, metric_every=None)
+    assert max(res.history["marginal_error"]) < 1e-4 and res.info.sinkhorn[0.01][0].converged
+    from driftops.train import TrainConfig
+
+    cfg = TrainConfig(out=str(tmp_path), sinkhorn_tol=1e-4, sinkhorn_iters=50, sinkhorn_acceleration="none")
+    assert cfg.flow_options()["solver"] == Sinkhorn(tol=1e-4, max_iter=50, acceleration="none")
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(tol=0.0), "tol"), (dict(tol=-1e-3), "tol"), (dict(max_iter=0), "max_iter"), (dict(omega=2.0), "omega"),
+        (dict(omega=0.0), "omega"), (dict(omega_max=2.0), "omega_max"), (dict(acceleration="nesterov"), "acceleration"),
+        (dict(annealing=1.0), "annealing"), (dict(window=0), "window"),
+    ],
+)  # fmt: skip
+def test_bad_solver_settings_raise(settings, match):
+    with pytest.raises(DriftopsError, match=match):
+        Sinkhorn(**settings)
+    x, y, _ = unit_clouds(20, 10, 2)
+    if set(settings) <= {"tol", "max_iter"}:
+        with pytest.raises(DriftopsError, match=match):
+            driftops.drift(x, y, 0.1, backend="dense", **settings)
+    with pytest.raises(DriftopsError, match="driftops.Sinkhorn"):
+        driftops.drift(x, y, 0.1, backend="dense", solver={"tol": 1e-3})

@@ -33,6 +33,8 @@ HELP = {
     "backend": "reduction backend of the drift",
     "sinkhorn_tol": "Sinkhorn stopping tolerance (L1 marginal error)",
     "sinkhorn_iters": "Sinkhorn iteration cap (20 in the Sinkhorn-drifting paper)",
+    "sinkhorn_acceleration": "Sinkhorn over-relaxation: adaptive, fixed or none (see driftops.Sinkhorn)",
+    "sinkhorn_warm": "start each round's Sinkhorn solve from the previous round's potentials (carried to the new points)",
     "steps": "optimiser steps",
     "batch": "samples per round (drifting: the no-grad drift batch; nsgf: flow particles)",
     "minibatch": "samples per optimiser step (None: batch)",
@@ -77,7 +79,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         if f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="hide the progress bar")
         elif f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=HELP[f.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=HELP[f.name])
         else:
             shown = "runs/METHOD-TARGET-PLAN-sSEED" if f.name == "out" else default
             parser.add_argument(

@@ -15,6 +15,7 @@ from ..data import resolve_target
 from ..errors import DriftopsError
 from ..models import ARCHITECTURES
 from ..plans import PLANS
+from ..sinkhorn import Sinkhorn
 from .storage import atomic_write_text
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -41,6 +42,8 @@ class TrainConfig:
     backend: str = "auto"
     sinkhorn_tol: float = 1e-3
     sinkhorn_iters: int = 1000
+    sinkhorn_acceleration: str = "adaptive"
+    sinkhorn_warm: bool = True
     steps: int = 2000
     batch: int = 1024
     minibatch: int | None = None
@@ -86,6 +89,7 @@ class TrainConfig:
             raise DriftopsError(f"batch ({self.batch}) must be a multiple of minibatch ({self.minibatch}); pass e.g. --minibatch {self.batch}")
         if not self.lr > 0 or not self.step_size > 0:
             raise DriftopsError(f"lr and step_size must be positive, got lr={self.lr}, step_size={self.step_size}")
+        self.solver  # raises on bad Sinkhorn settings
         if not 0 <= self.ema < 1:
             raise DriftopsError(f"ema must lie in [0, 1) (0 disables it), got {self.ema}")
 
@@ -100,11 +104,13 @@ class TrainConfig:
 
     def flow_options(self) -> dict:
         """Keyword arguments of :func:`driftops.flow` for the trainers' drift steps: step size, temperatures, plan,
-        cost, backend and the Sinkhorn solver settings (``sinkhorn_tol``, ``sinkhorn_iters``)."""
-        return dict(
-            step_size=self.step_size, eps=self.eps, plan=self.plan, cost=self.cost, backend=self.backend,
-            tol=self.sinkhorn_tol, max_iter=self.sinkhorn_iters,
-        )  # fmt: skip
+        cost, backend and the Sinkhorn solver (``sinkhorn_tol``, ``sinkhorn_iters``, ``sinkhorn_acceleration``)."""
+        return dict(step_size=self.step_size, eps=self.eps, plan=self.plan, cost=self.cost, backend=self.backend, solver=self.solver)
+
+    @property
+    def solver(self) -> Sinkhorn:
+        """The Sinkhorn solver of the drift steps."""
+        return Sinkhorn(tol=self.sinkhorn_tol, max_iter=self.sinkhorn_iters, acceleration=self.sinkhorn_acceleration)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> TrainConfig:

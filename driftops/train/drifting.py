@@ -11,17 +11,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..drift import DriftInfo
 from .config import TrainConfig
 from .loop import Run
 from .method import GeneratorMethod, drift_flow
+from .targets import Target
 
 
 def drift_targets(
-    x: torch.Tensor, labels: torch.Tensor | None, positives: dict[int | None, torch.Tensor], cfg: TrainConfig
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    positives: dict[int | None, torch.Tensor],
+    cfg: TrainConfig,
+    warm: dict[int | None, DriftInfo] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Targets (N, D): x (N, D) moved by ``cfg.flow_steps`` drift steps, per class when ``labels`` (N,) is given.
 
-    ``positives``: ``{None: y}`` or ``{c: y_c}`` as :meth:`GeneratorMethod.draw` returns. Also returns
+    ``positives``: ``{None: y}`` or ``{c: y_c}`` as :meth:`GeneratorMethod.draw` returns. ``warm``: Sinkhorn
+    states per class, used as warm starts and replaced by this round's (updated in place). Also returns
     the largest Sinkhorn marginal error met (0 for other plans).
     """
     x = x.detach()
@@ -29,7 +36,9 @@ def drift_targets(
     error = 0.0
     for c, y in positives.items():
         rows = slice(None) if c is None else labels == c
-        result = drift_flow(x[rows], y, cfg, cfg.flow_steps)
+        result = drift_flow(x[rows], y, cfg, cfg.flow_steps, warm_start=None if warm is None else warm.get(c))
+        if warm is not None and result.info is not None and result.info.sinkhorn:
+            warm[c] = result.info
         out[rows] = result.x
         error = max(error, *result.history["marginal_error"])
     return out, error
@@ -44,17 +53,28 @@ class Drifting(GeneratorMethod):
 
     name = "drifting"
 
+    def __init__(self, cfg: TrainConfig, target: Target) -> None:
+        super().__init__(cfg, target)
+        # Sinkhorn state per class, carried from round to round (``cfg.sinkhorn_warm``); checkpointed.
+        self.warm: dict[int | None, DriftInfo] | None = {} if cfg.sinkhorn_warm else None
+
+    def state_dict(self) -> dict:
+        return {"warm": self.warm}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warm = state.get("warm", self.warm)
+
     def round(self, run: Run) -> dict[str, float]:
         cfg = self.cfg
         z, labels, positives = self.draw(run.rng)
         if cfg.fit_batch == cfg.batch:
             x = run.model(z, labels)
-            targets, error = drift_targets(x, labels, positives, cfg)
+            targets, error = drift_targets(x, labels, positives, cfg, self.warm)
             loss = F.mse_loss(x, targets)
             run.optimise(loss)
             return {"loss": float(loss.detach()), "marginal_error": error}
         with torch.no_grad():
-            targets, error = drift_targets(run.model(z, labels), labels, positives, cfg)
+            targets, error = drift_targets(run.model(z, labels), labels, positives, cfg, self.warm)
         order = torch.randperm(cfg.batch, generator=run.rng, device=cfg.device)
         losses = []
         for idx in order.split(cfg.fit_batch)[: run.remaining]:

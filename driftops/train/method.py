@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from ..drift import DriftInfo
 from ..flows import FlowResult, flow
 from ..models import Generator
 from .config import TrainConfig
@@ -19,12 +20,18 @@ if TYPE_CHECKING:
 
 
 def drift_flow(
-    x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, steps: int, callback: Callable[[int, torch.Tensor, object], None] | None = None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    steps: int,
+    callback: Callable[[int, torch.Tensor, object], None] | None = None,
+    warm_start: DriftInfo | None = None,
 ) -> FlowResult:
     """Move x (N, D) by ``steps`` drift steps ``x <- x + step_size * V(x)`` toward y (M, D) with :func:`driftops.flow`.
 
     Every drift of every trainer goes through here, with the drift and Sinkhorn solver settings of
-    ``cfg.flow_options()``; Sinkhorn potentials are warm-started from step to step. Unconverged
+    ``cfg.flow_options()``; Sinkhorn potentials are warm-started from step to step, and from ``warm_start`` (the
+    ``info`` of an earlier result, e.g. the previous round's, carried over to the new points). Unconverged
     (capped) Sinkhorn loops do not warn: ``result.history["marginal_error"]`` records them.
     ``callback(step, x, info)`` sees the points after each step (step counts from 1; x is updated in
     place afterwards, so clone what you keep).
@@ -32,7 +39,7 @@ def drift_flow(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sinkhorn did not reach", RuntimeWarning)
         return flow(
-            x, y, steps, **cfg.flow_options(), callback=callback, progress=False, metric_every=None,
+            x, y, steps, **cfg.flow_options(), callback=callback, warm_start=warm_start, progress=False, metric_every=None,
             snapshot_every=steps, max_snapshot_points=1,
         )  # fmt: skip
 
