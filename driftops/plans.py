@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import SPARSE_MAX_DIM, AutoBackend, Backend, SparseBackend
+from .backends import SPARSE_MAX_DIM, AutoBackend, SparseBackend
 from .backends.sparse import grid_labels
 from .costs import cost_power, eps_schedule, max_cost
-from .parallel import Cloud, Comm
+from .parallel import Cloud, Geometry
 
 PLANS = ("one_sided", "two_sided", "sinkhorn")
 # Relaxation factor of the g-update at the target temperature: about 1.8x fewer iterations than plain
@@ -48,24 +48,6 @@ COARSE_TOL_FACTOR = 3.0
 
 
 @dataclass
-class Geometry:
-    """What every reduction needs besides the points: temperature, cost, backend, process group."""
-
-    eps: float
-    cost: str
-    backend: Backend
-    comm: Comm
-
-    def lse(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None, eps: float | None = None) -> torch.Tensor:
-        """(n,) ``LSE_j(logw_j - c(rows_i, cols_j)/eps)`` over the full column cloud."""
-        return self.backend.lse(rows, cols.full, eps or self.eps, self.cost, logw, self_offset)
-
-    def weighted_mean(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None) -> torch.Tensor:
-        """(n, D) softmax-weighted mean of the full column cloud's points."""
-        return self.backend.weighted_mean(rows, cols.full, self.eps, self.cost, cols.full, logw, self_offset)
-
-
-@dataclass
 class SinkhornResult:
     """Log-domain Sinkhorn potentials (full clouds) for ``P_ij = a_i b_j exp((f_i + g_j - c_ij)/eps)``.
 
@@ -84,14 +66,15 @@ class SinkhornResult:
 def _update(geom: Geometry, rows: Cloud, cols: Cloud, pot_cols: torch.Tensor, eps: float) -> torch.Tensor:
     """The full (gathered) potential on ``rows`` that makes the plan's row marginals exact."""
     local = -eps * geom.lse(rows.local, cols, cols.log_marginal() + pot_cols / eps, None, eps)
-    return local if rows.local is rows.full else geom.comm.gather(local)
+    return rows.gather(local)
 
 
 def _level(cloud: Cloud, geom: Geometry, eps: float) -> Cloud:
     """``cloud`` as seen at annealing temperature ``eps``: itself, or the (K, D) mass-weighted centroids of its
-    grid cells (see ``LEVEL_CELLS``), held whole by every rank, with their masses as weights."""
+    grid cells (see ``LEVEL_CELLS``), held whole by every rank, with their masses as weights. Ring mode (no
+    ``cloud.full``) has no coarse levels."""
     pts = cloud.full
-    if not isinstance(geom.backend, (AutoBackend, SparseBackend)) or pts.shape[1] > SPARSE_MAX_DIM:
+    if pts is None or not isinstance(geom.backend, (AutoBackend, SparseBackend)) or pts.shape[1] > SPARSE_MAX_DIM:
         return cloud
     width = math.sqrt(eps) if cost_power(geom.cost) == 2 else eps
     labels = grid_labels(pts, width / LEVEL_CELLS)
@@ -165,11 +148,11 @@ def sinkhorn(
     eps = geom.eps
     symmetric = dst is None
     dst = src if symmetric else dst
-    cold = warm_start is None or warm_start.f.shape[0] != src.full.shape[0] or warm_start.g.shape[0] != dst.full.shape[0]
-    top = max_cost(geom.cost, src.full, dst.full)
+    cold = warm_start is None or warm_start.f.shape[0] != src.n or warm_start.g.shape[0] != dst.n
+    top = max_cost(geom.cost, src.box(), dst.box())
     if cold:
-        f = torch.zeros(src.full.shape[0], dtype=src.full.dtype, device=src.full.device)
-        g = torch.zeros(dst.full.shape[0], dtype=dst.full.dtype, device=dst.full.device)
+        f = src.local.new_zeros(src.n)
+        g = dst.local.new_zeros(dst.n)
     else:
         f, g = warm_start.f, warm_start.g
         rows, cols = (src, src) if symmetric else (dst, src)
@@ -180,7 +163,7 @@ def sinkhorn(
     f_on, g_on = src, dst  # the clouds (fine or coarse) on which f and g live
     if cold and schedule:
         f_on, g_on = _level(src, geom, schedule[0]), _level(dst, geom, schedule[0])
-        f, g = f.new_zeros(f_on.full.shape[0]), g.new_zeros(g_on.full.shape[0])
+        f, g = f.new_zeros(f_on.n), g.new_zeros(g_on.n)
     for k, e in enumerate(schedule):
         rows = _level(src, geom, e)
         if symmetric:
@@ -233,7 +216,7 @@ def column_logweights(
     if plan == "one_sided":
         return dst.logw
     if plan == "two_sided":
-        c = geom.comm.gather(geom.lse(dst.local, src, src.logw, dst.offset if mask_self else None))
+        c = dst.gather(geom.lse(dst.local, src, src.logw, dst.offset if mask_self else None))
         return -0.5 * c if dst.logw is None else dst.logw - 0.5 * c
     return dst.log_marginal() + potentials.g / geom.eps
 
