@@ -77,7 +77,10 @@ def _add_flow(sub) -> None:
     )
     p.add_argument("--target", type=_target_spec, default="checkerboard", help=f"toy ({', '.join(TOYS)}), 'digits' or a .npy/.npz file")
     p.add_argument("--source", type=lambda s: s if s == "gaussian" else _target_spec(s), default="gaussian", help="'gaussian' (standard normal noise) or a target spec")
-    p.add_argument("--n", type=positive_int, default=DEMO["n"], help="number of particles and of target points")
+    p.add_argument(
+        "--n", "--points", dest="n", type=positive_int, default=DEMO["n"],
+        help="number of particles and of target points (under torchrun write --points: torchrun reads --n as its own --nnodes)",
+    )  # fmt: skip
     p.add_argument("--plan", choices=PLANS, default="sinkhorn", help="transport plan of the drift")
     p.add_argument("--eps", type=positive_float, default=DEMO["eps"], help="temperature")
     p.add_argument("--steps", type=positive_int, default=DEMO["steps"], help="number of Euler steps")

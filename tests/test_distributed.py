@@ -223,7 +223,7 @@ def test_flow_cli_under_torchrun(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "driftops", "flow",
-        "--n", "300", "--steps", "3", "--eps", "0.1", "--max-iter", "20", "--backend", "dense", "--no-progress", "--out", str(tmp_path),
+        "--points", "300", "--steps", "3", "--eps", "0.1", "--max-iter", "20", "--backend", "dense", "--no-progress", "--out", str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
