@@ -106,7 +106,7 @@ def main() -> None:
                 row[key] = max(c[key] for c in cases)
             rows.append(row)
         print_table(rows, ["P", "D", "N", "mode", "seconds", "MB_per_drift", "KB_per_sinkhorn_iter", "peak_rss_growth_mib"])
-    save("bench_distributed", rows, vars(args))
+        save("bench_distributed", rows, vars(args))  # after every process count: a partial run keeps its rows
 
 
 if __name__ == "__main__":
