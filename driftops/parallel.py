@@ -53,9 +53,10 @@ class Sharding:
     mode: ``"gather"``, ``"ring"`` or ``"auto"`` (see the module docstring).
     timeout: seconds a rank waits in one collective before raising (a dead peer is reported at once).
     ring_min_bytes: in ``"auto"`` mode, rings when D > RING_MIN_DIM and the gathered x and y would take more
-    than this many bytes on every rank. Measured on 2 Gloo CPU processes (benchmarks/bench_distributed.py):
-    the ring costs the same reduction time as the gather within a few per cent once the blocks are large
-    (its transfers overlap the reductions), and it is the only mode whose memory does not grow with the rank count.
+    than this many bytes on every rank. Measured on 2 Gloo CPU processes (benchmarks/bench_distributed.py): per
+    drift both modes send the same bytes; the ring took 0.97-1.1x the gather's time in D = 128 and 1.5x in D = 2
+    (small blocks), and sends the points once per Sinkhorn update instead of a potential (130x the bytes per
+    iteration at D = 128). So gather wins whenever the whole cloud fits; the ring is for clouds that do not.
     """
 
     group: Any = None
