@@ -70,12 +70,17 @@ def _add_flow(sub) -> None:
         description="Flow source particles toward a target along the drift field and write config.json, "
         "metrics.json, particles.npy, flow.png, trails.png, history.png and flow.gif into --out. "
         "Without arguments: the checkerboard demo (20,000 points, 200 steps, eps 0.01, every step's Sinkhorn "
-        "solve converged to tol 1e-3).",
+        "solve converged to tol 1e-3). Under torchrun (torchrun --nproc-per-node K -m driftops "
+        "flow ...) each rank flows its slice of the particles (Gloo on CPU, NCCL on CUDA; local ranks divide the "
+        "machine's cores) and rank 0 writes the outputs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--target", type=_target_spec, default="checkerboard", help=f"toy ({', '.join(TOYS)}; or {', '.join(TOY_ALIASES)}), 'digits' or a .npy/.npz file")
     p.add_argument("--source", type=lambda s: s if s == "gaussian" else _target_spec(s), default="gaussian", help="'gaussian' (standard normal noise) or a target spec")
-    p.add_argument("--n", type=positive_int, default=DEMO["n"], help="number of particles and of target points")
+    p.add_argument(
+        "--n", "--points", dest="n", type=positive_int, default=DEMO["n"],
+        help="number of particles and of target points (under torchrun write --points: torchrun reads --n as its own --nnodes)",
+    )  # fmt: skip
     p.add_argument("--plan", choices=PLANS, default="sinkhorn", help="transport plan of the drift")
     p.add_argument("--eps", type=positive_float, default=DEMO["eps"], help="temperature")
     p.add_argument("--steps", type=positive_int, default=DEMO["steps"], help="number of Euler steps")
@@ -97,13 +102,28 @@ def _add_flow(sub) -> None:
 
 def run_flow(args: argparse.Namespace) -> int:
     """Run ``driftops flow`` with parsed arguments; returns the exit status."""
+    from .parallel import Launch
+
+    device = _device(args.device)
+    launch = Launch.from_env(device)
+    try:
+        return _flow(args, device, launch)
+    finally:
+        if launch is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _flow(args: argparse.Namespace, device: str, launch) -> int:
+    """The flow of ``driftops flow`` on this process (one rank's slices under torchrun; ``launch`` None alone)."""
     from . import viz
     from .backends.formulas import job_formulas, warmup
     from .data import load_target
     from .flows import flow
+    from .parallel import Comm
     from .threads import set_threads
 
-    device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     y = load_target(args.target, args.n, seed=args.seed)[0].to(device=device, dtype=dtype)
     if args.source == "gaussian":
@@ -113,12 +133,19 @@ def run_flow(args: argparse.Namespace) -> int:
     if x0.shape[1] != y.shape[1]:
         raise DriftopsError(f"--source has dimension {x0.shape[1]} but --target has {y.shape[1]}; pass clouds of the same dimension")
 
+    group, world = (None, 1) if launch is None else (launch.group, launch.world_size)
+    shown = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:20000].to(y.device)].cpu()
+    if launch is not None:
+        x0, y = x0.tensor_split(world)[launch.rank], y.tensor_split(world)[launch.rank]
+    writer = launch is None or launch.rank == 0
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "func"} | {"device": device, "version": __version__}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    set_threads(args.threads)
-    warmup(job_formulas(y.shape[1], dtype, args.cost, [args.plan], args.backend, device), progress=args.progress)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in vars(args).items() if k != "func"} | {"device": device, "version": __version__, "world_size": world}
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if args.threads is not None:
+        set_threads(args.threads)
+    warmup(job_formulas(y.shape[1], dtype, args.cost, [args.plan], args.backend, device), progress=args.progress and writer)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sinkhorn did not reach", RuntimeWarning)  # reported below
@@ -126,12 +153,15 @@ def run_flow(args: argparse.Namespace) -> int:
             x0, y, steps=args.steps, step_size=args.step_size, eps=args.eps, plan=args.plan, cost=args.cost, backend=args.backend,
             solver=Sinkhorn(tol=args.tol, max_iter=args.max_iter, acceleration=args.acceleration),
             snapshot_every=args.snapshot_every, progress=args.progress, seed=args.seed,
+            group=group,
         )  # fmt: skip
     wall = time.perf_counter() - start
+    particles = Comm(group).gather(result.x)
+    if not writer:
+        return 0
     metrics = {"final_w2": result.history["w2"][-1], "initial_w2": result.history["w2"][0], "wall_time": wall, "steps": result.steps}
     (out / "metrics.json").write_text(json.dumps(metrics | {"history": result.history}, indent=2) + "\n")
-    np.save(out / "particles.npy", result.x.cpu().numpy())
-    shown = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:20000].to(y.device)].cpu()
+    np.save(out / "particles.npy", particles.cpu().numpy())
     paths = [
         viz.plot_snapshots(result, shown, out / "flow.png"),
         viz.plot_trails(result, out / "trails.png", target=shown),

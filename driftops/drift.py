@@ -18,7 +18,7 @@ from .checks import as_eps, as_points, as_weights, check_choice, check_finite, n
 from .costs import check_cost
 from .errors import DriftopsError
 from .parallel import Cloud, Comm
-from .plans import PLANS, Geometry, barycentric, column_logweights
+from .plans import PLANS, barycentric, column_logweights
 from .sinkhorn import Sinkhorn, SinkhornResult, as_solver, sinkhorn
 
 NAN_HINT = "the inputs are finite, so this is a numerical failure: use float64 or a larger eps"
@@ -45,20 +45,46 @@ class DriftInfo:
         return sum(r.iterations for pair in self.sinkhorn.values() for r in pair)
 
 
-def _setup(x, y, eps, cost, backend, group, x_weights=None, y_weights=None):
-    """Validate the common arguments and wrap the clouds for (possibly distributed) reductions."""
-    x = as_points(x, "x")
-    y = as_points(y, "y", like=x)
-    eps_list = as_eps(eps)
-    check_cost(cost)
+def _setup(x, y, eps, cost, backend, group, x_weights=None, y_weights=None, plan=None, solver=None, tol=None, max_iter=None, **settings):
+    """Validate the common arguments and wrap the clouds for (possibly distributed) reductions; also returns the
+    Sinkhorn solver of the call (``solver`` with ``tol`` / ``max_iter`` replaced when given).
+
+    With a process group, the ranks then agree: all raise if one rank's input is bad or if the ranks' settings
+    (``plan``, ``settings``, D, dtype, eps, cost, backend, which weights are given) differ; the communication
+    mode is chosen from D and the global point count.
+    """
     comm = Comm(group)
-    src = Cloud.split(x, comm, as_weights(x_weights, x.shape[0], "x_weights", x))
-    dst = Cloud.split(y, comm, as_weights(y_weights, y.shape[0], "y_weights", x))
-    return eps_list, comm, src, dst, get_backend(backend)
+    with comm.checked() as check:
+        x = as_points(x, "x")
+        y = as_points(y, "y", like=x)
+        eps_list = as_eps(eps)
+        check_cost(cost)
+        if plan is not None:
+            check_choice(plan, PLANS, "plan")
+        be = get_backend(backend)
+        sol = as_solver(solver, tol, max_iter)
+        x_logw = as_weights(x_weights, x.shape[0], "x_weights", x)
+        y_logw = as_weights(y_weights, y.shape[0], "y_weights", x)
+        check.signature.update(
+            settings, plan=plan, solver=repr(sol), dim=x.shape[1], dtype=str(x.dtype), eps=eps_list, cost=cost, backend=be.name,
+            weights=(x_logw is not None, y_logw is not None),
+        )  # fmt: skip
+        check.points = x.shape[0] + y.shape[0]
+    comm.mode = comm.sharding.mode_for(x.shape[1], check.total, x.element_size())
+    src = Cloud.split(x, comm, x_logw)
+    dst = Cloud.split(y, comm, y_logw)
+    return eps_list, comm, src, dst, be, sol
+
+
+def _agreed_finite(t: torch.Tensor, comm: Comm, what: str) -> torch.Tensor:
+    """``t`` after checking that it is finite on every rank (all ranks raise otherwise)."""
+    with comm.checked():
+        check_finite(t, what, NAN_HINT)
+    return t
 
 
 def _check_self_mask(cloud: Cloud, name: str) -> None:
-    if cloud.full.shape[0] < 2:
+    if cloud.n < 2:
         raise DriftopsError(f"the self term of {name} needs at least 2 points when the diagonal is masked; pass more points or mask_self=False")
 
 
@@ -106,9 +132,10 @@ def drift(
     passes its slices and receives the drift of its slice of x. warm_start: a
     :class:`DriftInfo` from a previous call; return_info: also return one.
     """
-    eps_list, comm, src, dst, be = _setup(x, y, eps, cost, backend, group, x_weights, y_weights)
-    check_choice(plan, PLANS, "plan")
-    solver = as_solver(solver, tol, max_iter)
+    eps_list, comm, src, dst, be, solver = _setup(
+        x, y, eps, cost, backend, group, x_weights, y_weights, plan, solver, tol, max_iter, call="drift", mask_self=mask_self,
+        warm_start=warm_start is not None,
+    )  # fmt: skip
     mask = mask_self and plan != "sinkhorn"
     if mask:
         _check_self_mask(src, "the drift")
@@ -126,7 +153,7 @@ def drift(
         attract = barycentric(src, dst, geom, column_logweights(plan, src, dst, geom, False, cross), False)
         repel = barycentric(src, src, geom, column_logweights(plan, src, src, geom, mask, own), mask)
         fields.append(attract - repel)
-    v = check_finite(_normalised_sum(fields, comm), "the drift", NAN_HINT)
+    v = _agreed_finite(_normalised_sum(fields, comm), comm, "the drift")
     return (v, info) if return_info else v
 
 
@@ -149,17 +176,18 @@ def barycentric_map(
     """Barycentric map ``T(x_i) = sum_j P_ij y_j`` of the plan from x (N, D) to y (M, D); shape (N, D).
 
     solver, tol, max_iter: as for :func:`drift` (``plan="sinkhorn"`` only)."""
-    eps_list, comm, src, dst, be = _setup(x, y, eps, cost, backend, group, x_weights, y_weights)
-    check_choice(plan, PLANS, "plan")
+    eps_list, comm, src, dst, be, solver = _setup(
+        x, y, eps, cost, backend, group, x_weights, y_weights, plan, solver, tol, max_iter, call="barycentric_map"
+    )
     if len(eps_list) != 1:
         raise DriftopsError("barycentric_map takes a single eps; call it once per temperature")
     geom = Geometry(eps_list[0], cost, be, comm)
     cross = None
     if plan == "sinkhorn":
         with torch.no_grad():
-            cross = sinkhorn(src, dst, geom, as_solver(solver, tol, max_iter))
+            cross = sinkhorn(src, dst, geom, solver)
     t = barycentric(src, dst, geom, column_logweights(plan, src, dst, geom, False, cross), False)
-    return check_finite(t, "the barycentric map", NAN_HINT)
+    return _agreed_finite(t, comm, "the barycentric map")
 
 
 @numpy_io
@@ -185,9 +213,12 @@ def joint_drift(
     log-normaliser and Z± the two-sided partial sums. ``y_neg=None`` uses x itself
     as negatives (diagonal masked when ``mask_self``). Weights act as multiplicities.
     """
-    eps_list, comm, xs, pos, be = _setup(x, y_pos, eps, cost, backend, group, None, pos_weights)
-    negatives = xs.local if y_neg is None else as_points(y_neg, "y_neg", like=xs.local)
-    neg = Cloud.split(negatives, comm, as_weights(neg_weights, negatives.shape[0], "neg_weights", xs.local))
+    eps_list, comm, xs, pos, be, _ = _setup(x, y_pos, eps, cost, backend, group, None, pos_weights, call="joint_drift", mask_self=mask_self)
+    with comm.checked() as check:
+        negatives = xs.local if y_neg is None else as_points(y_neg, "y_neg", like=xs.local)
+        neg_logw = as_weights(neg_weights, negatives.shape[0], "neg_weights", xs.local)
+        check.signature.update(negatives=y_neg is None, weights=neg_logw is not None)
+    neg = Cloud.split(negatives, comm, neg_logw)
     mask = mask_self and y_neg is None
     if mask:
         _check_self_mask(xs, "the joint drift")
@@ -198,9 +229,9 @@ def joint_drift(
         r = torch.logaddexp(geom.lse(xs.local, pos, pos.logw, None), geom.lse(xs.local, neg, neg.logw, row_off))
         parts = []
         for cloud, off in ((pos, None), (neg, row_off)):
-            c = comm.gather(geom.lse(cloud.local, xs, None, cloud.offset if off is not None else None))
+            c = cloud.gather(geom.lse(cloud.local, xs, None, cloud.offset if off is not None else None))
             u = -0.5 * c if cloud.logw is None else cloud.logw - 0.5 * c
             parts.append((geom.lse(xs.local, cloud, u, off), geom.weighted_mean(xs.local, cloud, u, off)))
         (lz_pos, t_pos), (lz_neg, t_neg) = parts
         fields.append((lz_pos + lz_neg - r).exp()[:, None] * (t_pos - t_neg))
-    return check_finite(_normalised_sum(fields, comm), "the joint drift", NAN_HINT)
+    return _agreed_finite(_normalised_sum(fields, comm), comm, "the joint drift")

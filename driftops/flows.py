@@ -3,6 +3,10 @@
 With ``plan="sinkhorn"`` this is the Sinkhorn-divergence gradient flow (``V = -N grad S_eps``).
 Sinkhorn potentials are warm-started from the previous step, so a flow step costs a few
 Sinkhorn iterations instead of a full eps-annealing. Runs without autograd.
+
+Sharded flows (``group=``): each rank flows its own slice of the particles against its slice of the target;
+snapshots, metrics and the drift norm are those of the whole cloud and equal on every rank, and a stop (callback,
+divergence, bad input) on one rank stops every rank at the same step.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from . import metrics
 from .checks import as_eps, as_points, check_choice
 from .drift import DriftInfo, drift
 from .errors import DivergenceError, DriftopsError
+from .parallel import Comm
 from .plans import PLANS
 from .sinkhorn import Sinkhorn, as_solver
 
@@ -93,6 +98,13 @@ def _rekey(info: DriftInfo | None, eps: list[float]) -> DriftInfo | None:
     return DriftInfo({eps[0]: next(iter(info.sinkhorn.values()))})
 
 
+def _gather_rows(t: torch.Tensor, index: torch.Tensor, offset: int, comm: Comm) -> torch.Tensor:
+    """(k, D) cpu copy of the rows ``index`` (sorted, numbered in the whole cloud) of a cloud whose rows
+    ``offset .. offset + len(t)`` are this rank's ``t``."""
+    mine = index[(index >= offset) & (index < offset + len(t))] - offset
+    return comm.gather(t[mine.to(t.device)]).cpu()
+
+
 def _w2(x: torch.Tensor, y: torch.Tensor) -> float:
     """Exact W2^2 for subsets POT can solve, the debiased Sinkhorn estimate beyond."""
     exact = max(len(x), len(y)) <= metrics.MAX_EXACT_POINTS
@@ -136,25 +148,31 @@ def flow(
     metric_every: steps between W2^2 estimates on ``metric_points`` fixed random particles and
     target points (also at step 0 and at the end; None: never). callback(step, x, info) runs after
     every step (step counts from 1) and stops the flow by returning False. seed fixes the subsets.
-    Raises :class:`DivergenceError` when the particles become non-finite.
+    Raises :class:`DivergenceError` when the particles become non-finite. With ``group``, x0 and y are this rank's
+    slices, ``x`` is its slice of the result, and the subsets, snapshots and history are of the whole cloud.
     """
     numpy_in = isinstance(x0, np.ndarray)
-    x = as_points(x0, "x0").detach().clone(memory_format=torch.contiguous_format)
-    y = as_points(y, "y", like=x).detach().contiguous()
-    steps = _positive_int(steps, "steps")
-    check_choice(plan, PLANS, "plan")
-    solver = as_solver(solver, tol, max_iter)
-    eps_values = [as_eps(e) for e in _resolve(eps_schedule, eps, steps, "eps_schedule")]
-    sizes = [_step_size(s, k) for k, s in enumerate(_resolve(step_schedule, step_size, steps, "step_schedule"))]
-    snapshot_every = _positive_int(snapshot_every, "snapshot_every", True) or max(1, round(steps / 50))
-    max_snapshot_points = _positive_int(max_snapshot_points, "max_snapshot_points")
-    metric_every = _positive_int(metric_every, "metric_every", True)
-    metric_points = _positive_int(metric_points, "metric_points")
+    comm = Comm(group)
+    with comm.checked() as check:
+        x = as_points(x0, "x0").detach().clone(memory_format=torch.contiguous_format)
+        y = as_points(y, "y", like=x).detach().contiguous()
+        steps = _positive_int(steps, "steps")
+        check_choice(plan, PLANS, "plan")
+        solver = as_solver(solver, tol, max_iter)
+        eps_values = [as_eps(e) for e in _resolve(eps_schedule, eps, steps, "eps_schedule")]
+        sizes = [_step_size(s, k) for k, s in enumerate(_resolve(step_schedule, step_size, steps, "step_schedule"))]
+        snapshot_every = _positive_int(snapshot_every, "snapshot_every", True) or max(1, round(steps / 50))
+        max_snapshot_points = _positive_int(max_snapshot_points, "max_snapshot_points")
+        metric_every = _positive_int(metric_every, "metric_every", True)
+        metric_points = _positive_int(metric_points, "metric_points")
+        check.signature.update(call="flow", eps=eps_values, sizes=sizes, snapshots=(snapshot_every, max_snapshot_points), metrics=(metric_every, metric_points), seed=seed, solver=repr(solver))
 
+    x_sizes, y_sizes = comm.sizes(len(x), x.device), comm.sizes(len(y), x.device)
+    x_off, y_off, n_total = sum(x_sizes[: comm.rank]), sum(y_sizes[: comm.rank]), sum(x_sizes)
     gen = torch.Generator().manual_seed(seed)
-    snap_idx = _subset(len(x), max_snapshot_points, gen)
-    metric_x, metric_y = _subset(len(x), metric_points, gen), _subset(len(y), metric_points, gen)
-    y_metric = y[metric_y.to(y.device)].cpu()
+    snap_idx = _subset(n_total, max_snapshot_points, gen)
+    metric_x, metric_y = _subset(n_total, metric_points, gen), _subset(sum(y_sizes), metric_points, gen)
+    y_metric = _gather_rows(y, metric_y, y_off, comm)
     history: dict[str, list] = {
         k: [] for k in ("step", "eps", "step_size", "drift_norm", "sinkhorn_iterations", "marginal_error", "seconds", "metric_step", "w2")
     }
@@ -162,16 +180,17 @@ def flow(
 
     def record(step: int, snapshot: bool, metric: bool) -> None:
         if snapshot:
-            result.snapshots.append((step, x[snap_idx.to(x.device)].cpu().clone()))
+            result.snapshots.append((step, _gather_rows(x, snap_idx, x_off, comm)))
         if metric and metric_every is not None:
             history["metric_step"].append(step)
-            history["w2"].append(_w2(x[metric_x.to(x.device)].cpu(), y_metric))
+            sample = _gather_rows(x, metric_x, x_off, comm)
+            history["w2"].append(comm.broadcast_float(_w2(sample, y_metric) if comm.rank == 0 else None))
 
     start = time.perf_counter()
     record(0, True, True)
     info = warm_start
     unconverged = 0
-    with torch.no_grad(), tqdm(range(steps), desc=f"flow ({plan})", disable=not progress, unit="step") as bar:
+    with torch.no_grad(), tqdm(range(steps), desc=f"flow ({plan})", disable=not progress or comm.rank != 0, unit="step") as bar:
         for k in bar:
             tick = time.perf_counter()
             info = _rekey(info, eps_values[k])
@@ -189,16 +208,16 @@ def flow(
             history["step"].append(step)
             history["eps"].append(eps_k)
             history["step_size"].append(sizes[k])
-            history["drift_norm"].append(float(v.norm(dim=1).mean()))
+            history["drift_norm"].append(float(comm.sum(v.norm(dim=1).sum())) / n_total)
             history["sinkhorn_iterations"].append(info.iterations)
             history["marginal_error"].append(info.marginal_error)
             history["seconds"].append(time.perf_counter() - tick)
             unconverged += not all(r.converged for pair in info.sinkhorn.values() for r in pair)
-            stop = callback is not None and callback(step, x, info) is False
-            if not bool(torch.isfinite(x).all()):
-                bad = int((~torch.isfinite(x)).any(1).sum())
+            stop = comm.any(callback is not None and callback(step, x, info) is False)
+            bad = int(comm.sum((~torch.isfinite(x)).any(1).sum()))
+            if bad:
                 raise DivergenceError(
-                    f"{bad} of {len(x)} particles became non-finite at step {step} (step_size={sizes[k]:g}, eps={eps_k}); {DIVERGENCE_HINT}"
+                    f"{bad} of {n_total} particles became non-finite at step {step} (step_size={sizes[k]:g}, eps={eps_k}); {DIVERGENCE_HINT}"
                 )
             result.steps = step
             last = stop or step == steps

@@ -1,91 +1,450 @@
 """Splitting point clouds across ``torch.distributed`` ranks.
 
-Each rank owns a slice of the rows of x and of y. Reductions run on the local
-rows against the gathered full cloud; potentials are gathered after every
-update. With ``group=None`` everything is local and no communication happens.
+Each rank owns a slice of the rows of x and of y and gets back the result for
+its rows of x. Vectors of the global size (weights, Sinkhorn potentials) are
+gathered on every rank; the points are reduced in one of two modes
+(:class:`Sharding`):
+
+* ``"gather"``: the column cloud is all-gathered once per call and every rank reduces
+  its rows against it (memory O(N·D) per rank; one collective per call);
+* ``"ring"``: each rank keeps only its slice; the P column blocks circulate around the
+  ranks with ``isend``/``irecv``, the next block in flight while the block in hand is
+  reduced, and the per-block log-sum-exps and softmax-weighted means are merged in a
+  streaming form that is exact to rounding (:func:`merge_lse_mean`). Peak memory per
+  rank: its slice plus two blocks. The coarse Sinkhorn levels (D <= 3, "auto" and
+  "sparse" backends) need the whole cloud and are skipped in this mode; gradients do
+  not cross ranks in this mode (use ``"gather"`` to differentiate).
+
+``"auto"`` picks ``"ring"`` when D > ``RING_MIN_DIM`` and the gathered clouds would
+exceed ``ring_min_bytes`` (see :meth:`Sharding.mode_for`).
+
+Faults: every public call compares a signature of its arguments across ranks and agrees
+on an ok-flag before any rank raises (:meth:`Comm.checked`), so a bad input on one rank
+raises the same :class:`DriftopsError` on all ranks instead of a deadlock; every
+collective waits at most ``Sharding.timeout`` seconds, after which (or as soon as a
+peer's connection drops) it raises :class:`DriftopsError`.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
-from dataclasses import dataclass
+import os
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 
+from .backends.base import Backend, needs_grad
+from .errors import DriftopsError
+
+MODES = ("auto", "gather", "ring")
+# The block-sparse backend and the coarse Sinkhorn levels (D <= 3) need the whole cloud: "auto" never rings there.
+RING_MIN_DIM = 3
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a call is spread over a process group; pass it as ``group=`` (a bare process group means the defaults).
+
+    group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks).
+    mode: ``"gather"``, ``"ring"`` or ``"auto"`` (see the module docstring).
+    timeout: seconds a rank waits in one collective before raising (a dead peer is reported at once).
+    ring_min_bytes: in ``"auto"`` mode, rings when D > RING_MIN_DIM and the gathered x and y would take more
+    than this many bytes on every rank. Measured on 2 Gloo CPU processes (benchmarks/bench_distributed.py): per
+    drift both modes send the same bytes; the ring took 0.97-1.1x the gather's time in D = 128 and 1.5x in D = 2
+    (small blocks), and sends the points once per Sinkhorn update instead of a potential (130x the bytes per
+    iteration at D = 128). So gather wins whenever the whole cloud fits; the ring is for clouds that do not.
+    """
+
+    group: Any = None
+    mode: str = "auto"
+    timeout: float = 300.0
+    ring_min_bytes: int = 1 << 28
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise DriftopsError(f"unknown sharding mode {self.mode!r}; pass one of {', '.join(map(repr, MODES))}")
+        if not self.timeout > 0:
+            raise DriftopsError(f"the sharding timeout must be a positive number of seconds, got {self.timeout!r}")
+
+    def mode_for(self, dim: int, points: int, itemsize: int) -> str:
+        """``"gather"`` or ``"ring"`` for ``points`` (global N + M) points of dimension ``dim``."""
+        if self.mode != "auto":
+            return self.mode
+        return "ring" if dim > RING_MIN_DIM and points * dim * itemsize > self.ring_min_bytes else "gather"
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent (payload of collectives and point-to-point sends) and collectives it entered."""
+
+    bytes_sent: int = 0
+    calls: int = 0
+
 
 class Comm:
-    """Gather and sum over a process group (identity for ``group=None``)."""
+    """Collectives over a process group (identities for ``group=None``), each bounded by the sharding's timeout.
+
+    ``stats`` counts this rank's traffic: a collective over P ranks counts the bytes this rank contributes
+    times (P - 1) for gathers and all-reduces (what a ring algorithm sends), a point-to-point send its payload.
+    """
+
+    stats = CommStats()  # shared by every Comm of the process; benchmarks reset it
 
     def __init__(self, group=None) -> None:
-        self.group = group
-        if group is None:
+        self.sharding = group if isinstance(group, Sharding) else Sharding(group)
+        self.group = self.sharding.group
+        self.mode = "gather"
+        self.device = torch.device("cpu")  # where small control tensors live (NCCL needs them on the GPU)
+        if self.group is None:
             self.rank, self.size = 0, 1
         else:
             import torch.distributed as dist
 
-            self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+            self.rank, self.size = dist.get_rank(self.group), dist.get_world_size(self.group)
+            if dist.get_backend(self.group) == "nccl":
+                self.device = torch.device("cuda", torch.cuda.current_device())
 
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's ``t`` along dim 0 in rank order (slices may differ in length)."""
+    @property
+    def ring(self) -> bool:
+        return self.mode == "ring" and self.size > 1
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.sharding.timeout))
+        except RuntimeError as err:
+            raise DriftopsError(
+                f"rank {self.rank}: {what} over {self.size} ranks failed ({str(err).splitlines()[0][:200]}): another rank "
+                f"exited, or did not reach the same call within the timeout of {self.sharding.timeout:g} s; check the other "
+                "ranks' logs, or raise Sharding(timeout=...) if a rank is legitimately slower"
+            ) from err
+
+    def _count(self, t: torch.Tensor, factor: int) -> None:
+        Comm.stats.bytes_sent += t.numel() * t.element_size() * factor
+        Comm.stats.calls += 1
+
+    def sizes(self, n_local: int, device: torch.device) -> tuple[int, ...]:
+        """Row counts of every rank's slice (one small collective)."""
+        if self.group is None:
+            return (n_local,)
+        return tuple(int(s) for s in self.all_gather(torch.tensor([n_local], device=device)))
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(P * n, ...) concatenation of every rank's ``t`` of identical shape (n, ...), in rank order."""
         if self.group is None:
             return t
         import torch.distributed as dist
 
-        n = torch.tensor([t.shape[0]], device=t.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.size)]
-        dist.all_gather(sizes, n, group=self.group)
-        sizes = [int(s) for s in sizes]
-        padded = t.new_zeros((max(sizes),) + tuple(t.shape[1:]))
-        padded[: t.shape[0]] = t
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded.contiguous(), group=self.group)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+        t = t.contiguous()
+        out = t.new_empty((self.size * t.shape[0],) + tuple(t.shape[1:]))
+        self._count(t, self.size - 1)
+        self._wait(dist.all_gather_into_tensor(out, t, group=self.group, async_op=True), "all_gather")
+        return out
 
-    def offset(self, n_local: int, device: torch.device) -> int:
-        """Index of this rank's first row in the gathered cloud."""
+    def gather(self, t: torch.Tensor, sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Concatenate every rank's ``t`` along dim 0 in rank order; ``sizes``: every rank's row count when known.
+
+        Differentiable (through ``torch.distributed.nn``) when ``t`` requires a gradient: every rank's rows then
+        receive the gradient of every rank's use of them.
+        """
         if self.group is None:
-            return 0
-        sizes = self.gather(torch.tensor([n_local], device=device))
-        return int(sizes[: self.rank].sum())
+            return t
+        sizes = sizes if sizes is not None else self.sizes(t.shape[0], t.device)
+        width = max(sizes)
+        padded = torch.cat([t, t.new_zeros((width - t.shape[0],) + tuple(t.shape[1:]))]) if t.shape[0] < width else t
+        if needs_grad(t):
+            from torch.distributed.nn.functional import all_gather
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over ranks."""
+            self._count(padded, self.size - 1)
+            parts = all_gather(padded.contiguous(), group=self.group)
+            return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+        whole = self.all_gather(padded).reshape((self.size, width) + tuple(t.shape[1:]))
+        return torch.cat([whole[r, :s] for r, s in enumerate(sizes)])
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``t`` reduced over ranks with ``op`` ("sum", "min" or "max"); ``t`` is not modified."""
         if self.group is None:
             return t
         import torch.distributed as dist
 
         t = t.clone()
-        dist.all_reduce(t, group=self.group)
+        self._count(t, self.size - 1)
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        self._wait(dist.all_reduce(t, ops[op], group=self.group, async_op=True), f"all_reduce({op})")
         return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks."""
+        return self.all_reduce(t, "sum")
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on some rank."""
+        return bool(self.all_reduce(torch.tensor([int(flag)], device=self.device), "max")[0])
+
+    def broadcast_float(self, value: float | None) -> float:
+        """Rank 0's ``value`` on every rank (the other ranks pass anything)."""
+        if self.group is None:
+            return float(value)
+        t = torch.tensor([value if self.rank == 0 else 0.0], dtype=torch.float64, device=self.device)
+        return float(self.all_reduce(t, "sum")[0])
+
+    def agree(self, signature: dict, error: DriftopsError | None, points: int = 0) -> int:
+        """Raise the same :class:`DriftopsError` on every rank when some rank failed (``error``) or the ranks'
+        ``signature`` dicts differ; else return the sum of ``points`` over ranks. One small collective when all is
+        well."""
+        if self.group is None:
+            if error is not None:
+                raise error
+            return points
+        import torch.distributed as dist
+
+        code = zlib.crc32(repr(sorted(signature.items())).encode())
+        flags = self.all_gather(torch.tensor([[int(error is None), code, points]], dtype=torch.int64, device=self.device))
+        if bool(flags[:, 0].all()) and bool((flags[:, 1] == code).all()):
+            return int(flags[:, 2].sum())
+        mine = (signature, None if error is None else str(error))
+        everyone: list = [None] * self.size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        failed = [(r, msg) for r, (_, msg) in enumerate(everyone) if msg is not None]
+        if failed:
+            rank, msg = failed[0]
+            raise DriftopsError(f"rank {rank} of {self.size}: {msg}") from error
+        differ = sorted(k for k in signature if len({repr(sig.get(k)) for sig, _ in everyone}) > 1)
+        values = "; ".join(f"{k}: " + ", ".join(f"rank {r} {sig.get(k)!r}" for r, (sig, _) in enumerate(everyone)) for k in differ)
+        raise DriftopsError(f"the ranks passed different arguments ({values}); every rank must pass the same settings and dimension")
+
+    @contextmanager
+    def checked(self) -> Iterator["Check"]:
+        """Run a block that validates this rank's inputs and fills the yielded :class:`Check`; on leaving it, the
+        ranks agree (:meth:`agree`): all raise if one raised :class:`DriftopsError` or the signatures differ, and
+        ``Check.total`` becomes the sum of ``Check.points`` over ranks."""
+        check = Check()
+        if self.group is None:
+            yield check
+            check.total = check.points
+            return
+        error = None
+        try:
+            yield check
+        except DriftopsError as err:
+            error = err
+        check.total = self.agree(check.signature, error, check.points)
+
+
+@dataclass
+class Check:
+    """What the ranks compare at the start of a call: ``signature`` (settings that must be equal on every rank) and
+    ``points`` (this rank's point count, summed over ranks into ``total``)."""
+
+    signature: dict = field(default_factory=dict)
+    points: int = 0
+    total: int = 0
 
 
 @dataclass
 class Cloud:
     """A point cloud split over ranks.
 
-    local: (n, D) rows owned by this rank; full: (N, D) all rows; offset: index of
-    ``local[0]`` in ``full``; logw: (N,) log multiplicities of the full cloud or
-    None for unit weights.
+    local: (n, D) rows owned by this rank; full: (N, D) all rows ("gather" mode, or a cloud held whole by every
+    rank) or None ("ring" mode); offset: index of ``local[0]`` in the whole cloud; logw: (N,) log multiplicities
+    of the whole cloud or None for unit weights; sizes: every rank's row count (None: ``(N,)``, held whole).
     """
 
     local: torch.Tensor
-    full: torch.Tensor
+    full: torch.Tensor | None
     offset: int
     logw: torch.Tensor | None = None
+    sizes: tuple[int, ...] | None = None
+    comm: Comm | None = field(default=None, repr=False)
 
     @classmethod
     def split(cls, local: torch.Tensor, comm: Comm, logw_local: torch.Tensor | None = None) -> "Cloud":
-        full = comm.gather(local)
-        logw = None if logw_local is None else comm.gather(logw_local)
-        return cls(local, full, comm.offset(local.shape[0], local.device), logw)
+        """Wrap this rank's slice (one size exchange; the points are gathered only in "gather" mode)."""
+        if comm.group is None:
+            return cls(local, local, 0, logw_local)
+        sizes = comm.sizes(local.shape[0], local.device)
+        full = None if comm.ring else comm.gather(local, sizes)
+        logw = None if logw_local is None else comm.gather(logw_local, sizes)
+        return cls(local, full, sum(sizes[: comm.rank]), logw, sizes, comm)
+
+    @property
+    def n(self) -> int:
+        """Number of points of the whole cloud."""
+        return self.full.shape[0] if self.full is not None else sum(self.sizes)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, ...) whole-cloud tensor from this rank's (n, ...) rows of it (sizes known: one collective)."""
+        if self.local is self.full:
+            return t
+        return self.comm.gather(t, self.sizes)
+
+    def box(self) -> torch.Tensor:
+        """(2, D) smallest and largest coordinates over the whole cloud."""
+        pts = self.local.detach()
+        low, high = pts.amin(0), pts.amax(0)
+        if self.local is not self.full and self.comm is not None:
+            low, high = self.comm.all_reduce(low, "min"), self.comm.all_reduce(high, "max")
+        return torch.stack([low, high])
 
     def log_marginal(self) -> torch.Tensor:
         """(N,) log-weights normalised to a probability vector (uniform when no weights)."""
         if self.logw is None:
-            n = self.full.shape[0]
-            return torch.full((n,), -math.log(n), dtype=self.full.dtype, device=self.full.device)
+            return torch.full((self.n,), -math.log(self.n), dtype=self.local.dtype, device=self.local.device)
         return self.logw - torch.logsumexp(self.logw, 0)
 
     def local_part(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows of a full-cloud tensor that belong to this rank."""
+        """The rows of a whole-cloud tensor that belong to this rank."""
         return t[self.offset : self.offset + self.local.shape[0]]
+
+    def blocks(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """Every rank's slice as ``(points, offset)``, the own slice first, the others passed around the ring.
+
+        While a block is being used, the next one is already in flight: each step sends the block in hand to the
+        next rank and receives the following one from the previous rank into a second buffer, so at most the
+        own slice and two blocks are held. Every rank must consume every block.
+        """
+        import torch.distributed as dist
+
+        comm, p = self.comm, self.comm.size
+        width = max(self.sizes)
+        buffers = [self.local.new_empty((width, self.local.shape[1])) for _ in range(2)]
+        hand = self.local.contiguous()
+        for step in range(p):
+            owner = (comm.rank - step) % p
+            works = []
+            if step < p - 1:
+                nxt = buffers[step % 2][: self.sizes[(owner - 1) % p]]
+                comm._count(hand, 1)
+                works = [
+                    dist.isend(hand, dist.get_global_rank(comm.group, (comm.rank + 1) % p), group=comm.group),
+                    dist.irecv(nxt, dist.get_global_rank(comm.group, (comm.rank - 1) % p), group=comm.group),
+                ]
+            yield hand, sum(self.sizes[:owner])
+            for work in works:
+                comm._wait(work, "ring pass")
+            if works:
+                hand = nxt
+
+
+def merge_lse_mean(
+    acc: tuple[torch.Tensor, torch.Tensor | None] | None, lse: torch.Tensor, mean: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Merge per-block row log-sum-exps (n,) and softmax-weighted means (n, E) (or None) into running ones.
+
+    With ``L = logaddexp(L_a, L_b)``: ``mean = mean_a e^(L_a - L) + mean_b e^(L_b - L)``; both factors are <= 1
+    and sum to 1, so the merge neither overflows nor loses mass.
+    """
+    if acc is None:
+        return lse, mean
+    total = torch.logaddexp(acc[0], lse)
+    if mean is None:
+        return total, None
+    return total, acc[1] * (acc[0] - total).exp()[:, None] + mean * (lse - total).exp()[:, None]
+
+
+@dataclass
+class Geometry:
+    """What every reduction needs besides the points: temperature, cost, backend, process group."""
+
+    eps: float
+    cost: str
+    backend: Backend
+    comm: Comm
+
+    def lse(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None, eps: float | None = None) -> torch.Tensor:
+        """(n,) ``LSE_j(logw_j - c(rows_i, cols_j)/eps)`` over the whole column cloud; ``logw``: (N,) or None."""
+        e = eps or self.eps
+        if cols.full is not None:
+            return self.backend.lse(rows, cols.full, e, self.cost, logw, self_offset)
+        return self._ring(rows, cols, logw, self_offset, lambda y, w, off: (self.backend.lse(rows, y, e, self.cost, w, off), None))[0]
+
+    def weighted_mean(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None) -> torch.Tensor:
+        """(n, D) softmax-weighted mean of the whole column cloud's points."""
+        if cols.full is not None:
+            return self.backend.weighted_mean(rows, cols.full, self.eps, self.cost, cols.full, logw, self_offset)
+
+        def block(y: torch.Tensor, w: torch.Tensor | None, off: int | None):
+            if off is None:
+                return self.backend.reduce_lse_mean(rows, y, self.eps, self.cost, y, w)
+            return self.backend.lse(rows, y, self.eps, self.cost, w, off), self.backend.weighted_mean(rows, y, self.eps, self.cost, y, w, off)
+
+        return self._ring(rows, cols, logw, self_offset, block)[1]
+
+    def _ring(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None, reduce: Callable):
+        """Merged ``reduce(block, block_logw, block_self_offset) -> (lse, mean or None)`` over the circulating blocks."""
+        if needs_grad(rows, logw):
+            raise DriftopsError("gradients do not cross ranks in the ring mode; pass group=Sharding(group, mode='gather') to differentiate")
+        acc = None
+        for y, start in cols.blocks():
+            w = None if logw is None else logw[start : start + y.shape[0]]
+            # The self mask removes j == i + self_offset, which lies in this block only if it is the rows' own slice.
+            off = self_offset - start if self_offset is not None and start <= self_offset < start + y.shape[0] else None
+            acc = merge_lse_mean(acc, *reduce(y, w, off))
+        return acc
+
+
+def divide_cores(local_ranks: int) -> int:
+    """Give this process its share of the machine's cores when ``local_ranks`` processes share it: sets torch's
+    intra-op threads and the OpenMP threads (KeOps' CPU loops) to ``max(1, cores // local_ranks)``; returns it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // max(1, local_ranks))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # OpenMP runtimes loaded later (KeOps' compiled formulas)
+    torch.set_num_threads(threads)
+    from threadpoolctl import threadpool_limits
+
+    from .threads import set_threads
+
+    threadpool_limits(threads, user_api="openmp")  # OpenMP runtimes already loaded
+    set_threads(threads)  # driftops's reductions
+    return threads
+
+
+def own_keops_folder(local_rank: int) -> None:
+    """Give local rank k > 0 its own KeOps build folder (``<default>-rank<k>``): concurrent first compilations of one
+    formula into a shared folder can fail. Rank 0 keeps the default (usually warm) folder; the others compile each
+    formula once into theirs. The shared folder's saved location is left untouched."""
+    if local_rank == 0:
+        return
+    import keopscore
+    import pykeops
+
+    base = pykeops.get_build_folder()
+    keopscore.config.set_different_build_folder(f"{base}-rank{local_rank}", write_save_file=False)
+    for binder in pykeops.common.keops_io.keops_binder.values():
+        binder.reset(new_save_folder=pykeops.get_build_folder())
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The process group of a ``torchrun`` launch: Gloo on CPU, NCCL on CUDA, with ``Sharding``'s timeout."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    group: Any
+
+    @classmethod
+    def from_env(cls, device: str, sharding: Sharding = Sharding()) -> "Launch | None":
+        """Join the group described by torchrun's environment (None when not launched by torchrun with >1 process);
+        divides the cores between the local ranks, on CUDA selects this rank's device, and gives every local rank but
+        the first its own KeOps build folder (:func:`own_keops_folder`)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world < 2:
+            return None
+        import torch.distributed as dist
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+        else:
+            divide_cores(local_world)
+        own_keops_folder(local_rank)
+        if not dist.is_initialized():
+            backend = "nccl" if device == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=sharding.timeout))
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, local_world, dist.group.WORLD)

@@ -15,36 +15,16 @@ one ``weighted_mean``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from .backends import Backend
-from .parallel import Cloud, Comm
+from .parallel import Cloud, Geometry
 
 if TYPE_CHECKING:
     from .sinkhorn import SinkhornResult
 
 PLANS = ("one_sided", "two_sided", "sinkhorn")
-
-
-@dataclass
-class Geometry:
-    """What every reduction needs besides the points: temperature, cost, backend, process group."""
-
-    eps: float
-    cost: str
-    backend: Backend
-    comm: Comm
-
-    def lse(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None, eps: float | None = None) -> torch.Tensor:
-        """(n,) ``LSE_j(logw_j - c(rows_i, cols_j)/eps)`` over the full column cloud."""
-        return self.backend.lse(rows, cols.full, eps or self.eps, self.cost, logw, self_offset)
-
-    def weighted_mean(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None) -> torch.Tensor:
-        """(n, D) softmax-weighted mean of the full column cloud's points."""
-        return self.backend.weighted_mean(rows, cols.full, self.eps, self.cost, cols.full, logw, self_offset)
 
 
 def column_logweights(
@@ -63,7 +43,7 @@ def column_logweights(
     if plan == "one_sided":
         return dst.logw
     if plan == "two_sided":
-        c = geom.comm.gather(geom.lse(dst.local, src, src.logw, dst.offset if mask_self else None))
+        c = dst.gather(geom.lse(dst.local, src, src.logw, dst.offset if mask_self else None))
         return -0.5 * c if dst.logw is None else dst.logw - 0.5 * c
     return dst.log_marginal() + potentials.g / geom.eps
 

@@ -40,8 +40,7 @@ from .backends import SPARSE_MAX_DIM, AutoBackend, SparseBackend
 from .backends.sparse import grid_labels
 from .costs import cost_power, eps_schedule, max_cost
 from .errors import DriftopsError
-from .parallel import Cloud
-from .plans import Geometry
+from .parallel import Cloud, Geometry
 
 ACCELERATIONS = ("adaptive", "fixed", "none")
 # Cell sides of the coarse levels at the target temperature, in units of the finest side (kernel width / level_cells).
@@ -151,9 +150,10 @@ class Stage:
 def level(cloud: Cloud, geom: Geometry, eps: float, solver: Sinkhorn, scale: float = 1.0) -> Cloud:
     """``cloud`` seen through grid cells of side ``scale * (kernel width at eps) / level_cells``: the (K, D) mass-weighted
     centroids of its non-empty cells with their masses as weights, held whole by every rank; the cloud itself when the
-    cells would not shrink it ``level_shrink`` times, in D > 3, or with backends without coarse levels."""
+    cells would not shrink it ``level_shrink`` times, in D > 3, with backends without coarse levels, or in ring mode
+    (no ``cloud.full``)."""
     pts = cloud.full
-    if not solver.multiscale or not isinstance(geom.backend, (AutoBackend, SparseBackend)) or pts.shape[1] > SPARSE_MAX_DIM:
+    if pts is None or not solver.multiscale or not isinstance(geom.backend, (AutoBackend, SparseBackend)) or pts.shape[1] > SPARSE_MAX_DIM:
         return cloud
     width = math.sqrt(eps) if cost_power(geom.cost) == 2 else eps
     labels = grid_labels(pts, scale * width / solver.level_cells)
@@ -171,12 +171,12 @@ def _levels(cloud: Cloud, geom: Geometry, eps: float, solver: Sinkhorn) -> list[
     """The coarse levels of ``cloud`` at the target eps, coarsest first, without the points themselves: cells of
     1, 2, 4 and 8 times the finest side, each kept when it shrinks the next finer level ``level_shrink`` times."""
     out: list[Cloud] = []
-    finer = cloud.full.shape[0]
+    finer = cloud.n
     for scale in COARSE_SCALES:
         lv = level(cloud, geom, eps, solver, scale)
-        if lv is not cloud and lv.full.shape[0] * solver.level_shrink <= finer:
+        if lv is not cloud and lv.n * solver.level_shrink <= finer:
             out.insert(0, lv)
-            finer = lv.full.shape[0]
+            finer = lv.n
     return out
 
 
@@ -208,7 +208,7 @@ def stages(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, top:
 def _update(geom: Geometry, rows: Cloud, cols: Cloud, pot_cols: torch.Tensor, eps: float) -> torch.Tensor:
     """(N_rows,) the potential on ``rows`` that makes the row marginals exact for ``pot_cols`` on ``cols`` (gathered)."""
     local = -eps * geom.lse(rows.local, cols, cols.log_marginal() + pot_cols / eps, None, eps)
-    return local if rows.local is rows.full else geom.comm.gather(local)
+    return rows.gather(local)
 
 
 def _error(log_marginal: torch.Tensor, old: torch.Tensor, exact: torch.Tensor, eps: float) -> float:
@@ -351,10 +351,10 @@ def _carry_over(warm: SinkhornResult, src: Cloud, dst: Cloud | None, geom: Geome
     if warm.support is None:
         return None
     old_src, old_dst = warm.support
-    if (dst is None) != (old_dst is None) or old_src.full.shape[1] != src.full.shape[1]:
+    if (dst is None) != (old_dst is None) or old_src.local.shape[1] != src.local.shape[1]:
         return None
     same = old_src.local is src.local and (dst is None or old_dst.local is dst.local)
-    if same and warm.f.shape[0] == src.full.shape[0] and warm.g.shape[0] == (src if dst is None else dst).full.shape[0]:
+    if same and warm.f.shape[0] == src.n and warm.g.shape[0] == (src if dst is None else dst).n:
         return warm.f, warm.g
     if dst is None:
         f = _update(geom, src, old_src, warm.f, geom.eps)
@@ -372,15 +372,15 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     """
     eps = geom.eps
     symmetric = dst is None
-    top = max_cost(geom.cost, src.full, src.full if symmetric else dst.full)
+    top = max_cost(geom.cost, src.box(), (src if symmetric else dst).box())
     omega = _Omega(solver, warm_start.omega if warm_start is not None and solver.acceleration == "adaptive" else solver.omega)
     warm = None if warm_start is None else _carry_over(warm_start, src, dst, geom)
     coarse_its = 0
     if warm is None:
         plan = stages(src, dst, geom, solver, top)
         first = plan[0]
-        f = src.full.new_zeros(first.rows.full.shape[0])
-        g = f if symmetric else src.full.new_zeros(first.cols.full.shape[0])
+        f = src.local.new_zeros(first.rows.n)
+        g = f if symmetric else src.local.new_zeros(first.cols.n)
         f_on, g_on, fresh = first.rows, first.cols, True
     else:
         f, g = warm
@@ -418,7 +418,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     if not converged:
         if stalled:
             why = f"its marginal error stopped decreasing at {err:.2e} > tol={solver.tol:g} after {its} iterations at eps={eps:g}"
-            if src.full.dtype == torch.float32:
+            if src.local.dtype == torch.float32:
                 why += " (float32 potentials cannot resolve this temperature: use float64)"
         else:
             why = f"after {solver.max_iter} iterations at eps={eps:g} with marginal error {err:.2e} > tol={solver.tol:g}"

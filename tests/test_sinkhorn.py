@@ -1,15 +1,12 @@
 """Sinkhorn solver: convergence to the stated tolerance and to dense references for every acceleration, the safeguard,
-stages, warm starts (same and new points), precision reporting, settings, the gradient identity, distributed slices."""
+stages, warm starts (same and new points), precision reporting, settings, the gradient identity."""
 
 import functools
 import math
-import os
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as tmp
 
 import driftops
 from driftops.backends import KeOpsBackend
@@ -91,28 +88,6 @@ def test_sinkhorn_divergence_matches_driftops_convention():
     """S_eps with blur = sqrt(eps/2) is half the |x-y|^2-cost divergence: 1D shifted Diracs give |d|^2/2."""
     x = torch.zeros(1, 1, dtype=torch.float64)
     assert abs(float(driftops.sinkhorn_divergence(x, x + 3.0, 0.01)) - 4.5) < 1e-6
-
-
-def _worker(rank, world, port, x, y, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-        for plan in ("one_sided", "two_sided", "sinkhorn"):
-            out[f"{plan}-{rank}"] = driftops.drift(xs, ys, 0.05, plan=plan, backend="keops", tol=1e-6, max_iter=5000, group=dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_distributed_slices_match_single_process():
-    x, y = sample_toy("moons", 90, seed=1).double(), sample_toy("checkerboard", 70, seed=2).double()
-    manager = tmp.Manager()
-    out = manager.dict()
-    tmp.spawn(_worker, args=(2, 29511, x, y, out), nprocs=2, join=True)
-    for plan in ("one_sided", "two_sided", "sinkhorn"):
-        full = driftops.drift(x, y, 0.05, plan=plan, backend="keops", tol=1e-6, max_iter=5000)
-        gathered = torch.cat([out[f"{plan}-0"], out[f"{plan}-1"]])
-        assert torch.allclose(gathered, full, atol=1e-5), plan
 
 
 def test_coarse_level_keeps_mass_and_mean():

@@ -1,0 +1,234 @@
+"""Sharded calls over Gloo process groups equal one process; faults raise on every rank.
+
+Each test spawns its ranks once (process start-up dominates) and runs several cases in them; the single-process
+references are computed first in the parent, which also compiles the KeOps formulas before the ranks need them
+(concurrent first compilations into one cache folder can fail).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+
+import driftops
+from driftops.backends import DenseBackend
+from driftops.data import sample_toy
+from driftops.parallel import Comm, Sharding, divide_cores
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The single-process references on one thread: multi-threaded reductions of these tiny clouds collapse when
+    the ranks' processes load the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, job, args, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    divide_cores(world)
+    try:
+        job(rank, world, out, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, job, *args) -> dict:
+    """Run ``job(rank, world, out, *args)`` on ``world`` Gloo ranks; returns what they stored in ``out``."""
+    with tmp.Manager() as manager:
+        out = manager.dict()
+        tmp.spawn(_worker, args=(world, _free_port(), job, args, out), nprocs=world, join=True)
+        return dict(out)
+
+
+class RecordingBackend(DenseBackend):
+    """The dense backend, recording the largest column block it was given."""
+
+    largest = 0
+
+    def lse(self, x, y, *args, **kwargs):
+        RecordingBackend.largest = max(RecordingBackend.largest, y.shape[0])
+        return super().lse(x, y, *args, **kwargs)
+
+    def weighted_mean(self, x, y, *args, **kwargs):
+        RecordingBackend.largest = max(RecordingBackend.largest, y.shape[0])
+        return super().weighted_mean(x, y, *args, **kwargs)
+
+    def reduce_lse_mean(self, x, y, *args, **kwargs):
+        RecordingBackend.largest = max(RecordingBackend.largest, y.shape[0])
+        return super().reduce_lse_mean(x, y, *args, **kwargs)
+
+
+X_SIZES, Y_SIZES = (10, 23, 17), (20, 5, 16)  # uneven, and N = 50, M = 41 not divisible by 3
+
+
+def _data():
+    x, y = sample_toy("moons", sum(X_SIZES), seed=1).double(), sample_toy("checkerboard", sum(Y_SIZES), seed=2).double()
+    gen = torch.Generator().manual_seed(3)
+    return x, y, torch.rand(len(x), generator=gen, dtype=torch.float64) + 0.5, torch.rand(len(y), generator=gen, dtype=torch.float64) + 0.5
+
+
+SINK = {"tol": 1e-5, "max_iter": 2000}
+EPS = 0.3
+
+
+POS_SIZES, NEG_SIZES = (7, 6, 7), (5, 2, 14)  # the joint case with explicit negatives: y[:20] positives, y[20:] negatives
+
+
+def _cases(x, y, wx, wy, pos, neg, group) -> dict:
+    """name -> result of each call on x, y (weights wx, wy; joint positives pos, negatives neg); ``group``: None
+    (one process) or the group every rank passes its slices to."""
+    out = {}
+    for mode in ("gather", "ring"):
+        g = None if group is None else Sharding(group, mode)
+        for plan in ("one_sided", "two_sided", "sinkhorn"):
+            out[f"{plan}-{mode}"] = driftops.drift(x, y, EPS, plan=plan, backend="dense", group=g, **SINK)
+            out[f"{plan}-weights-eps-{mode}"] = driftops.drift(
+                x, y, [EPS, 1.0], plan=plan, backend="keops", group=g, x_weights=wx, y_weights=wy, **SINK
+            )  # fmt: skip
+        v, info = driftops.drift(x, y, EPS, backend="dense", group=g, return_info=True, **SINK)
+        out[f"warm-{mode}"] = driftops.drift(x + 0.5 * v, y, EPS, backend="dense", group=g, warm_start=info, **SINK)
+        out[f"barycentric-{mode}"] = driftops.barycentric_map(x, y, EPS, plan="sinkhorn", backend="dense", group=g, y_weights=wy, **SINK)
+        out[f"joint-{mode}"] = driftops.joint_drift(x, y, eps=[0.1, 0.3], backend="dense", group=g, pos_weights=wy)
+        out[f"joint-neg-{mode}"] = driftops.joint_drift(x, pos, neg, eps=0.2, backend="dense", group=g)
+    # Coarse Sinkhorn levels (annealing temperatures on grid-cell centroids): backends "sparse" and "auto", gather mode.
+    g = None if group is None else Sharding(group, "gather")
+    out["sparse-coarse"] = driftops.drift(x, y, EPS, backend="sparse", group=g, x_weights=wx, **SINK)
+    return out
+
+
+def _sharded_cases(rank, world, out, x, y, wx, wy):
+    xs, ys, wxs, wys = x.split(X_SIZES)[rank], y.split(Y_SIZES)[rank], wx.split(X_SIZES)[rank], wy.split(Y_SIZES)[rank]
+    results = _cases(xs, ys, wxs, wys, y[:20].split(POS_SIZES)[rank], y[20:].split(NEG_SIZES)[rank], dist.group.WORLD)
+    # Ring mode holds its slice and at most two circulating blocks, never a gathered (N, D) cloud.
+    gathered = []
+    original = Comm.gather
+    Comm.gather = lambda self, t, sizes=None: gathered.append(t.dim()) or original(self, t, sizes)
+    try:
+        driftops.drift(xs, ys, EPS, backend=RecordingBackend(), group=Sharding(dist.group.WORLD, "ring"), **SINK)
+    finally:
+        Comm.gather = original
+    results["ring-largest-block"] = RecordingBackend.largest
+    results["ring-gathered-dims"] = sorted(set(gathered))
+    for k, v in results.items():
+        out[f"{k}/{rank}"] = v
+
+
+def test_sharded_calls_match_one_process_in_both_modes():
+    x, y, wx, wy = _data()
+    reference = _cases(x, y, wx, wy, y[:20], y[20:], None)
+    out = _spawn(3, _sharded_cases, x, y, wx, wy)
+    for name, expected in reference.items():
+        got = torch.cat([out[f"{name}/{r}"] for r in range(3)])
+        assert torch.allclose(got, expected, atol=1e-9, rtol=1e-7), (name, float((got - expected).abs().max()))
+    for r in range(3):
+        assert out[f"ring-largest-block/{r}"] == max(max(X_SIZES), max(Y_SIZES))
+        assert out[f"ring-gathered-dims/{r}"] == [1]  # only potentials and per-point vectors are gathered
+
+
+def _fault_cases(rank, world, out):
+    x, y = sample_toy("moons", 40, seed=rank), sample_toy("checkerboard", 30, seed=rank)
+    g = Sharding(dist.group.WORLD, "gather", timeout=20.0)
+    if rank == 1:
+        x[3, 0] = float("nan")
+    for name, call in (
+        ("nan", lambda: driftops.drift(x, y, 0.1, backend="dense", group=g)),
+        ("eps", lambda: driftops.drift(x.nan_to_num(), y, 0.1 * (rank + 1), backend="dense", group=g)),
+        ("plan", lambda: driftops.barycentric_map(x.nan_to_num(), y, plan=("one_sided", "two_sided")[rank], backend="dense", group=g)),
+    ):
+        try:
+            call()
+            out[f"{name}/{rank}"] = "returned"
+        except driftops.DriftopsError as err:
+            out[f"{name}/{rank}"] = str(err)
+    # A flow stopped by one rank's callback stops on every rank at the same step.
+    result = driftops.flow(
+        x.nan_to_num()[: 20 + rank], y, steps=6, eps=0.2, plan="one_sided", backend="dense", group=g, metric_every=None, progress=False,
+        callback=lambda step, xk, info: not (rank == 1 and step == 3),
+    )  # fmt: skip
+    out[f"stopped/{rank}"] = result.steps
+    # A killed rank: the survivor raises a DriftopsError instead of waiting forever.
+    if rank == 1:
+        os._exit(0)
+    start = time.perf_counter()
+    try:
+        driftops.drift(x.nan_to_num(), y, 0.1, backend="dense", group=Sharding(dist.group.WORLD, timeout=10.0))
+        out["dead"] = "returned"
+    except driftops.DriftopsError as err:
+        out["dead"] = str(err)
+    out["dead-seconds"] = time.perf_counter() - start
+
+
+def test_faults_raise_the_same_error_on_every_rank():
+    out = _spawn(2, _fault_cases)
+    assert out["nan/0"] == out["nan/1"] and "rank 1 of 2" in out["nan/0"] and "NaN" in out["nan/0"]
+    assert out["eps/0"] == out["eps/1"] and "eps: rank 0 [0.1], rank 1 [0.2]" in out["eps/0"]
+    assert out["plan/0"] == out["plan/1"] and "plan" in out["plan/0"]
+    assert out["stopped/0"] == out["stopped/1"] == 3
+    assert "another rank exited" in out["dead"] and out["dead-seconds"] < 15
+
+
+def _flow_case(rank, world, out, x, y):
+    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    res = driftops.flow(xs, ys, steps=5, eps=0.3, tol=1e-5, backend="dense", group=dist.group.WORLD, metric_every=2, metric_points=30, max_snapshot_points=25, snapshot_every=2, progress=False)
+    out[f"x/{rank}"] = res.x
+    out[f"history/{rank}"] = {k: res.history[k] for k in ("w2", "drift_norm", "metric_step", "sinkhorn_iterations")}
+    out[f"snapshots/{rank}"] = res.snapshots
+
+
+def test_sharded_flow_equals_one_process():
+    x, y = sample_toy("moons", 61, seed=4).double(), sample_toy("spiral", 47, seed=5).double()
+    ref = driftops.flow(x, y, steps=5, eps=0.3, tol=1e-5, backend="dense", metric_every=2, metric_points=30, max_snapshot_points=25, snapshot_every=2, progress=False)
+    out = _spawn(2, _flow_case, x, y)
+    assert torch.allclose(torch.cat([out["x/0"], out["x/1"]]), ref.x, atol=1e-9)
+    for r in range(2):
+        hist = out[f"history/{r}"]
+        assert hist["metric_step"] == ref.history["metric_step"] == [0, 2, 4, 5]
+        assert hist["w2"] == pytest.approx(ref.history["w2"], rel=1e-9)
+        assert hist["drift_norm"] == pytest.approx(ref.history["drift_norm"], rel=1e-9)
+        assert [s for s, _ in out[f"snapshots/{r}"]] == [s for s, _ in ref.snapshots]
+        for (_, got), (_, want) in zip(out[f"snapshots/{r}"], ref.snapshots):
+            assert torch.allclose(got, want, atol=1e-9)
+
+
+def test_divide_cores_shares_the_machine():
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        assert divide_cores(2) == max(1, cores // 2) == torch.get_num_threads()
+        assert divide_cores(4 * cores) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_flow_cli_under_torchrun(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "driftops", "flow",
+        "--points", "300", "--steps", "3", "--eps", "0.1", "--max-iter", "20", "--backend", "dense", "--no-progress", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("W2^2") == 1  # rank 0 reports, once
+    config = __import__("json").loads((tmp_path / "config.json").read_text())
+    assert config["world_size"] == 2
+    particles = __import__("numpy").load(tmp_path / "particles.npy")
+    assert particles.shape == (300, 2)
