@@ -22,7 +22,6 @@ their marginal error, and GeomLoss's gradient time.
 from __future__ import annotations
 
 import argparse
-import math
 import json
 import os
 import statistics

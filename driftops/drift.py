@@ -17,7 +17,7 @@ from .backends import get_backend
 from .checks import as_eps, as_points, as_weights, check_choice, check_finite, numpy_io
 from .costs import check_cost
 from .errors import DriftopsError
-from .parallel import Cloud, Comm
+from .parallel import Cloud, Comm, Geometry
 from .plans import PLANS, barycentric, column_logweights
 from .sinkhorn import Sinkhorn, SinkhornResult, as_solver, sinkhorn
 

@@ -417,7 +417,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     converged = err < solver.tol
     if not converged:
         if stalled:
-            why = f"its marginal error stopped decreasing at {err:.2e} > tol={solver.tol:g} after {its} iterations at eps={eps:g}"
+            why = f"early: its marginal error stopped decreasing at {err:.2e} > tol={solver.tol:g} after {its} iterations at eps={eps:g}"
             if src.local.dtype == torch.float32:
                 why += " (float32 potentials cannot resolve this temperature: use float64)"
         else:

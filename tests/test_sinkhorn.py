@@ -10,7 +10,6 @@ import torch
 
 import driftops
 from driftops.backends import KeOpsBackend
-from driftops.data import sample_toy
 from driftops.errors import DriftopsError
 from driftops.parallel import Cloud, Comm
 from driftops.plans import Geometry
@@ -265,16 +264,17 @@ def test_stage_list_for_a_known_cloud():
 
 
 def test_float32_at_tiny_eps_reports_the_error_reached():
-    x, y, _ = unit_clouds(300, 200, 2, seed=7, dtype=torch.float32)
+    # eps = 1e-3 in D = 64: float32 potentials stall near 1e-5, float64 ones reach 1e-7 (measured).
+    x, y, _ = unit_clouds(300, 200, 64, seed=7, dtype=torch.float32)
+    solver = Sinkhorn(tol=1e-7, max_iter=20000, stall=100)
     with pytest.warns(RuntimeWarning, match="stopped decreasing.*float32"):
-        _, info = driftops.drift(x, y, 1e-3, backend="dense", solver=Sinkhorn(tol=1e-9, max_iter=100000, stall=100), return_info=True)
+        _, info = driftops.drift(x, y, 1e-3, backend="dense", solver=solver, return_info=True)
     cross, _ = info.sinkhorn[1e-3]
-    assert not cross.converged and cross.iterations < 5000 and 1e-9 < cross.marginal_error < 1e-2
-    # float64 reaches the same tolerance
+    assert not cross.converged and cross.iterations < 2000 and 1e-7 < cross.marginal_error < 1e-3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, info = driftops.drift(x.double(), y.double(), 1e-3, backend="dense", solver=Sinkhorn(tol=1e-9, max_iter=100000), return_info=True)
-    assert info.marginal_error < 1e-9
+        _, info = driftops.drift(x.double(), y.double(), 1e-3, backend="dense", solver=solver, return_info=True)
+    assert info.marginal_error < 1e-7
 
 
 def test_solver_objects_are_accepted_everywhere(tmp_path):

@@ -178,7 +178,7 @@ def test_train_and_eval_commands(tmp_path):
 def test_paper_preset_builds_the_protocol(tmp_path):
     cfg = TrainConfig.from_preset("paper", target="8gaussians", plan="sinkhorn", eps=[0.01], out=str(tmp_path / "p"))
     assert (cfg.batch, cfg.steps, cfg.lr, cfg.sinkhorn_iters, cfg.eval_every, cfg.eval_points) == (1024, 5000, 2e-4, 20, 100, 1000)
-    assert cfg.target == "eight_gaussians" and cfg.flow_options()["max_iter"] == 20
+    assert cfg.target == "eight_gaussians" and cfg.flow_options()["solver"].max_iter == 20
     run = Run(cfg, Drifting)
     assert sum(p.numel() for p in run.model.parameters()) == 1_592_066
     assert run.ema is run.model and not run.cfg.grad_clip  # no EMA copy, no clipping

@@ -7,7 +7,6 @@ per-class divergences weighted by class frequency.
 
 from __future__ import annotations
 
-import torch
 
 from ..divergence import sinkhorn_divergence
 from ..errors import DriftopsError
