@@ -92,7 +92,7 @@ def child(impl: str, case: str, n: int, eps: float, tol: float, max_iter: int) -
         from geomloss import SamplesLoss
 
         loss = SamplesLoss("sinkhorn", p=2, blur=(eps / 2) ** 0.5, scaling=0.9, debias=True, potentials=True)
-        f, g = loss(x, y)
+        f, g = (p.reshape(-1) for p in loss(x, y))
         seconds = time.perf_counter() - t0
         # GeomLoss's cost is |x - y|^2 / 2 with temperature blur^2 = eps / 2: its potentials are half of driftops's.
         return {"iterations": "one per eps", "seconds": seconds, "error": column_error(x, y, 2 * f, 2 * g, eps)}

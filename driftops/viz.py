@@ -126,10 +126,13 @@ def plot_trails(result: FlowResult, path="trails.png", n_trails: int = 300, targ
 
 
 def plot_history(result: FlowResult, path="history.png") -> Path:
-    """W2^2 to the target (log scale) and mean drift norm (log scale) against the step."""
+    """W2^2 to the target and mean drift norm (log scales) against the step; for Sinkhorn flows also the Sinkhorn
+    iterations on the points and the marginal error reached at every step."""
     _check_result(result)
     hist = result.history
-    fig, (ax_w, ax_v) = plt.subplots(1, 2, figsize=(9, 3.4))
+    sinkhorn = any(hist["sinkhorn_iterations"])
+    fig, axes = plt.subplots(1, 3 if sinkhorn else 2, figsize=(13.5 if sinkhorn else 9, 3.4))
+    ax_w, ax_v = axes[:2]
     if hist["w2"]:
         ax_w.plot(hist["metric_step"], hist["w2"], "o-", ms=3)
         ax_w.set_yscale("log")
@@ -138,7 +141,15 @@ def plot_history(result: FlowResult, path="history.png") -> Path:
         ax_v.plot(hist["step"], hist["drift_norm"], color="tab:orange")
         ax_v.set_yscale("log")
     ax_v.set(xlabel="step", ylabel="mean |V|", title="drift norm")
-    for ax in (ax_w, ax_v):
+    if sinkhorn:
+        ax_i = axes[2]
+        ax_i.bar(hist["step"], hist["sinkhorn_iterations"], color="tab:green", alpha=0.6)
+        ax_i.set(xlabel="step", ylabel="iterations on the points", title="Sinkhorn per step")
+        ax_e = ax_i.twinx()
+        ax_e.plot(hist["step"], hist["marginal_error"], ".", color="tab:red", ms=4)
+        ax_e.set_yscale("log")
+        ax_e.set_ylabel("marginal error (red)")
+    for ax in axes:
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return _save(fig, path)

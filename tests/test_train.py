@@ -101,7 +101,10 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert _temp_files(run.dir) == []
 
 
-@pytest.mark.parametrize("method, extra", [("drifting", {"batch": 64, "minibatch": 32}), ("nsgf", {"flow_steps": 5})])
+@pytest.mark.parametrize(
+    "method, extra",
+    [("drifting", {"batch": 64, "minibatch": 32}), ("drifting", {"batch": 64, "sinkhorn_warm": True}), ("nsgf", {"flow_steps": 5})],
+)
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, method, extra):
     common = dict(method=method, plan="sinkhorn", steps=12, checkpoint_every=4, log_every=1, **extra)
     train(tiny(tmp_path / "straight", **common))
