@@ -402,21 +402,6 @@ def divide_cores(local_ranks: int) -> int:
     return threads
 
 
-def own_keops_folder(local_rank: int) -> None:
-    """Give local rank k > 0 its own KeOps build folder (``<default>-rank<k>``): concurrent first compilations of one
-    formula into a shared folder can fail. Rank 0 keeps the default (usually warm) folder; the others compile each
-    formula once into theirs. The shared folder's saved location is left untouched."""
-    if local_rank == 0:
-        return
-    import keopscore
-    import pykeops
-
-    base = pykeops.get_build_folder()
-    keopscore.config.set_different_build_folder(f"{base}-rank{local_rank}", write_save_file=False)
-    for binder in pykeops.common.keops_io.keops_binder.values():
-        binder.reset(new_save_folder=pykeops.get_build_folder())
-
-
 @dataclass(frozen=True)
 class Launch:
     """The process group of a ``torchrun`` launch: Gloo on CPU, NCCL on CUDA, with ``Sharding``'s timeout."""
@@ -430,8 +415,8 @@ class Launch:
     @classmethod
     def from_env(cls, device: str, sharding: Sharding = Sharding()) -> "Launch | None":
         """Join the group described by torchrun's environment (None when not launched by torchrun with >1 process);
-        divides the cores between the local ranks, on CUDA selects this rank's device, and gives every local rank but
-        the first its own KeOps build folder (:func:`own_keops_folder`)."""
+        divides the cores between the local ranks and on CUDA selects this rank's device. The ranks share KeOps's
+        build folder: a formula compiled by one is loaded by the others (:func:`driftops.backends.keops.compiled_once`)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world < 2:
             return None
@@ -443,7 +428,6 @@ class Launch:
             torch.cuda.set_device(local_rank)
         else:
             divide_cores(local_world)
-        own_keops_folder(local_rank)
         if not dist.is_initialized():
             backend = "nccl" if device == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=sharding.timeout))

@@ -1,8 +1,8 @@
 """Sharded calls over Gloo process groups equal one process; faults raise on every rank.
 
 Each test spawns its ranks once (process start-up dominates) and runs several cases in them; the single-process
-references are computed first in the parent, which also compiles the KeOps formulas before the ranks need them
-(concurrent first compilations into one cache folder can fail).
+references are computed first in the parent, which also compiles most KeOps formulas before the ranks need them
+(a formula first met by several ranks at once is compiled by one while the others wait for it).
 """
 
 import os

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import driftops
 from driftops import threads
 from driftops.backends import AutoBackend, DenseBackend
 from driftops.backends.formulas import job_formulas
-from driftops.backends.keops import INDEX_BASE, keops_logits
+from driftops.backends.keops import INDEX_BASE, KeOpsBackend, _build_lock, keops_logits
 from driftops.backends.sparse import cluster_ranges
 from driftops.costs import diameter
 
@@ -138,6 +139,37 @@ def test_warmup_compiles_the_listed_formulas_once(tmp_path):
     run = _python(code, KEOPS_CACHE_FOLDER=str(tmp_path))
     assert json.loads(run.stdout.strip().splitlines()[-1]) == [1, 0, 1]
     assert "compiling 1 KeOps kernel, once per machine" in run.stdout
+
+
+def test_first_reduction_of_a_kind_waits_for_the_build_folder_lock():
+    """A process sharing KeOps's build folder never runs a new kind of reduction while another holds the lock (it
+    might be compiling that formula); once the lock is free it runs, and later calls of that kind do not lock."""
+    code = (
+        "import sys, torch, driftops\n"
+        "from driftops.backends.keops import KeOpsBackend\n"
+        "x = torch.zeros(3, 2)\n"
+        "print('ready', flush=True); sys.stdin.readline()\n"
+        "print(KeOpsBackend().lse(x, x, 1.0, 'sqeuclidean').tolist(), flush=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        with _build_lock():
+            assert child.stdout.readline().strip() == "ready"
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            with pytest.raises(subprocess.TimeoutExpired):
+                child.wait(timeout=3)
+        out, _ = child.communicate(timeout=300)
+    finally:
+        child.kill()
+    assert json.loads(out.strip().splitlines()[-1]) == pytest.approx([math.log(3)] * 3)
+    x = torch.randn(4, 5)
+    backend = KeOpsBackend()
+    backend.lse(x, x, 1.0, "sqeuclidean")
+    with _build_lock():  # held here: a kind already run does not wait for it (flock would block this thread)
+        assert backend.lse(x, x, 1.0, "sqeuclidean").shape == (4,)
 
 
 def test_cluster_ranges_are_exact_past_2_pow_24():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -25,6 +28,51 @@ def _import_pykeops() -> None:
 
 _import_pykeops()
 from pykeops.torch import LazyTensor, Vi, Vj  # noqa: E402
+
+T = TypeVar("T")
+# Kinds of reduction (see ``compiled_once``) this process has run at least once.
+_RUN: set[tuple] = set()
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """Hold an exclusive lock on ``driftops.lock`` in KeOps's build folder (no-op where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    import pykeops
+
+    folder = Path(pykeops.get_build_folder())
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "driftops.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def compiled_once(kind: tuple, run: Callable[[], T]) -> T:
+    """``run()``, a KeOps reduction of this ``kind`` (everything that selects its compiled formula).
+
+    KeOps writes a new formula's library in place, so a process sharing the build folder (another rank, another
+    experiment) can load it half-written. The first run of each kind in this process therefore holds the build
+    folder's lock: a second process compiling the same formula waits, then loads the finished library.
+    """
+    if kind in _RUN:
+        return run()
+    with _build_lock():
+        out = run()
+    _RUN.add(kind)
+    return out
+
+
+def reduction_kind(name: str, x: torch.Tensor, values: torch.Tensor | None, cost: str, diag: torch.Tensor | None) -> tuple:
+    """The settings that select a reduction's compiled formula (for :func:`compiled_once`)."""
+    return (name, cost, diag is None, x.shape[1], None if values is None else values.shape[1], x.dtype, x.device.type)
+
 
 # Indices enter KeOps formulas as floats of the inputs' dtype: split into two parts below 2^24 (exact in
 # float32) they stay exact up to 2^48 points.
@@ -85,10 +133,19 @@ class KeOpsBackend(Backend):
     name = "keops"
 
     def reduce_lse(self, x, y, eps, cost, logw, diag):
-        return keops_logits(x, y, eps, cost, logw, diag).logsumexp(dim=1).reshape(-1)
+        return compiled_once(
+            reduction_kind("lse", x, None, cost, diag),
+            lambda: keops_logits(x, y, eps, cost, logw, diag).logsumexp(dim=1).reshape(-1),
+        )
 
     def reduce_mean(self, x, y, eps, cost, values, logw, diag):
-        return keops_logits(x, y, eps, cost, logw, diag).sumsoftmaxweight(Vj(values), dim=1)
+        return compiled_once(
+            reduction_kind("mean", x, values, cost, diag),
+            lambda: keops_logits(x, y, eps, cost, logw, diag).sumsoftmaxweight(Vj(values), dim=1),
+        )
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
-        return lse_and_mean(keops_logits(x, y, eps, cost, logw, None), values.detach())
+        return compiled_once(
+            reduction_kind("lse_mean", x, values, cost, None),
+            lambda: lse_and_mean(keops_logits(x, y, eps, cost, logw, None), values.detach()),
+        )

@@ -34,7 +34,7 @@ import torch
 from ..costs import cost_power
 from ..errors import DriftopsError
 from .base import Backend
-from .keops import LazyTensor, Vj, keops_logits, lse_and_mean
+from .keops import LazyTensor, Vj, compiled_once, keops_logits, lse_and_mean, reduction_kind
 
 # Cell-size rule: cells of side truncation_radius / CELLS_PER_RADIUS, grown by CELL_GROWTH until a cluster holds
 # MIN_MEAN_POINTS points on average and a cloud has at most MAX_CLUSTERS clusters. Smaller cells keep fewer pairs,
@@ -431,16 +431,19 @@ class SparseBackend(Backend):
     def reduce_lse(self, x, y, eps, cost, logw, diag):
         """``log sum_j exp(logw_j - c(x_i, y_j)/eps)`` over kept j != diag_i, shape (N,), original order."""
         s, cx, _ = self._logits(x, y, eps, cost, logw, diag)
-        return self._unsort(s.logsumexp(dim=1).reshape(-1), cx)
+        out = compiled_once(reduction_kind("sparse lse", x, None, cost, diag), lambda: s.logsumexp(dim=1))
+        return self._unsort(out.reshape(-1), cx)
 
     def reduce_mean(self, x, y, eps, cost, values, logw, diag):
         """``sum_j softmax_j(S_ij) values_j`` over kept j != diag_i, values (M, E) -> (N, E), original order."""
         s, cx, cy = self._logits(x, y, eps, cost, logw, diag)
         v = values.detach()[cy.perm].contiguous()
-        return self._unsort(s.sumsoftmaxweight(Vj(v), dim=1), cx)
+        out = compiled_once(reduction_kind("sparse mean", x, v, cost, diag), lambda: s.sumsoftmaxweight(Vj(v), dim=1))
+        return self._unsort(out, cx)
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
         """``reduce_lse`` and ``reduce_mean`` (no mask) from one block-sparse reduction, original order."""
         s, cx, cy = self._logits(x, y, eps, cost, logw, None)
-        lse, mean = lse_and_mean(s, values.detach()[cy.perm].contiguous())
+        v = values.detach()[cy.perm].contiguous()
+        lse, mean = compiled_once(reduction_kind("sparse lse_mean", x, v, cost, None), lambda: lse_and_mean(s, v))
         return self._unsort(lse, cx), self._unsort(mean, cx)
