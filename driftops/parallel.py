@@ -191,6 +191,26 @@ class Comm:
         t = torch.tensor([value if self.rank == 0 else 0.0], dtype=torch.float64, device=self.device)
         return float(self.all_reduce(t, "sum")[0])
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's picklable ``obj`` on every rank (the other ranks pass anything)."""
+        if self.group is None:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group, device=self.device)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list | None:
+        """Every rank's picklable ``obj`` in rank order on rank 0; None on the other ranks."""
+        if self.group is None:
+            return [obj]
+        import torch.distributed as dist
+
+        everyone = [None] * self.size if self.rank == 0 else None
+        dist.gather_object(obj, everyone, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        return everyone
+
     def agree(self, signature: dict, error: DriftopsError | None, points: int = 0) -> int:
         """Raise the same :class:`DriftopsError` on every rank when some rank failed (``error``) or the ranks'
         ``signature`` dicts differ; else return the sum of ``points`` over ranks. One small collective when all is
@@ -404,13 +424,34 @@ def divide_cores(local_ranks: int) -> int:
 
 @dataclass(frozen=True)
 class Launch:
-    """The process group of a ``torchrun`` launch: Gloo on CPU, NCCL on CUDA, with ``Sharding``'s timeout."""
+    """The process group a job runs on: this process's rank in it, the group's size, the local (same machine) rank
+    and count, and the timeout of every collective. ``torchrun`` launches join it with :meth:`from_env` (Gloo on
+    CPU, NCCL on CUDA); a group the caller already joined is wrapped by :meth:`of`."""
 
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
     group: Any
+    timeout: float = Sharding.timeout
+
+    @property
+    def sharding(self) -> Sharding:
+        """The group with this launch's timeout, as ``group=`` of the sharded calls."""
+        return Sharding(self.group, timeout=self.timeout)
+
+    @classmethod
+    def of(cls, group: Any, timeout: float = Sharding.timeout) -> "Launch":
+        """A process group every rank of which makes the same calls (``torch.distributed.group.WORLD`` for all):
+        ranks and size within the group. The local fields repeat them: nothing is divided here (see :func:`divide_cores`)."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise DriftopsError("group= needs an initialised torch.distributed process group; call torch.distributed.init_process_group first, or pass None")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        if rank < 0:
+            raise DriftopsError("this process is not a member of the group passed as group=; pass a group that contains it")
+        return cls(rank, world, rank, world, group, timeout)
 
     @classmethod
     def from_env(cls, device: str, sharding: Sharding = Sharding()) -> "Launch | None":
@@ -431,4 +472,4 @@ class Launch:
         if not dist.is_initialized():
             backend = "nccl" if device == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=sharding.timeout))
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, local_world, dist.group.WORLD)
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, local_world, dist.group.WORLD, sharding.timeout)
