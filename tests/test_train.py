@@ -135,6 +135,20 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, met
     assert log_a == log_b and len(log_a) >= 6 and log_a[-1]["step"] == 12
 
 
+def test_resume_reads_checkpoints_that_keep_one_rank_state_at_the_top_level(tmp_path):
+    common = dict(plan="one_sided", steps=6, checkpoint_every=3)
+    train(tiny(tmp_path / "straight", **common))
+    train(tiny(tmp_path / "old", **{**common, "steps": 3}))
+    ckpt = load_checkpoint(tmp_path / "old")
+    (own,) = ckpt.pop("ranks")
+    del ckpt["world_size"]
+    torch.save({**ckpt, **own}, tmp_path / "old" / "checkpoint.pt")  # the single-process layout: rng and method on top
+    train(tiny(tmp_path / "old", **common), resume=True)
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "old")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
 def test_conditional_digits_training_and_eval(tmp_path):
     cfg = tiny(tmp_path / "run", target="digits", latent_dim=8, conditional=True, plan="one_sided", steps=10, batch=100, target_batch=500, eps=[2.0])
     train(cfg)

@@ -4,6 +4,7 @@
 
     from driftops.train import TrainConfig, train, sample_run, evaluate
     train(TrainConfig.from_preset("paper", target="checkerboard", plan="sinkhorn", eps=[0.01], out="runs/a"))
+    train(cfg, group=torch.distributed.group.WORLD)           # on every rank of an initialised process group
     x = sample_run("runs/a", 10_000)                          # (10000, 2) tensor
     evaluate("runs/a", n=2000, target_file="held_out.npy")   # W2^2 against held-out points
 """
@@ -21,6 +22,7 @@ from ..checks import check_choice
 from ..data import load_points
 from ..errors import DriftopsError
 from ..metrics import class_metrics, mmd, sinkhorn_w2, train_classifier, w2
+from ..parallel import Launch
 from .config import TrainConfig
 from .drifting import Drifting
 from .loop import Run
@@ -34,10 +36,16 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Drifting, SinkhornLoss, 
 EXACT_W2_POINTS = 5000
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train in ``cfg.out`` (continuing its checkpoint when ``resume``); returns the ``metrics.json`` summary."""
+def train(cfg: TrainConfig, resume: bool = False, group=None) -> dict:
+    """Train in ``cfg.out`` (continuing its checkpoint when ``resume``); returns the ``metrics.json`` summary.
+
+    ``group``: None (one process), a ``torch.distributed`` process group every rank of which calls ``train`` with
+    the same ``cfg``, or a :class:`~driftops.parallel.Launch` (e.g. ``Launch.from_env``). ``cfg.batch`` (and
+    ``minibatch``, ``target_batch``) stay global: each rank draws its share, and rank 0 writes the folder.
+    """
     check_choice(cfg.method, list(METHODS), "method")
-    return Run.open(cfg, METHODS[cfg.method], resume).train()
+    launch = group if group is None or isinstance(group, Launch) else Launch.of(group)
+    return Run.open(cfg, METHODS[cfg.method], resume, launch).train()
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> tuple[TrainConfig, Method, nn.Module]:

@@ -98,6 +98,22 @@ class TrainConfig:
         """Samples per optimiser step (``minibatch``, defaulting to ``batch``)."""
         return self.minibatch or self.batch
 
+    def rank_sizes(self, world: int) -> tuple[int, int, int]:
+        """Per-rank ``(batch, fit_batch, target_batch)`` of a run over ``world`` ranks.
+
+        ``batch``, ``minibatch`` and ``target_batch`` are global: each rank draws ``1 / world`` of each, so that
+        every optimiser step sees the same number of samples whatever the number of ranks.
+        """
+        sizes = {"batch": self.batch, "minibatch": self.fit_batch, "target_batch": self.target_batch or self.batch}
+        for name, value in sizes.items():
+            if value % world:
+                below, above = value // world * world, (value // world + 1) * world
+                raise DriftopsError(
+                    f"{name} ({value}) is the global {name.replace('_', ' ')}, split evenly over the {world} ranks; "
+                    f"pass a multiple of {world}, e.g. --{name.replace('_', '-')} {below or above} or {above}"
+                )
+        return self.batch // world, self.fit_batch // world, (self.target_batch or self.batch) // world
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -118,8 +134,9 @@ class TrainConfig:
         check_choice(preset, list(PRESETS), "preset")
         return cls(**{**PRESETS[preset], **overrides})
 
-    def save(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+    def save(self, path: Path, **extra) -> None:
+        """Write the fields, and ``extra`` facts of the run (e.g. its world size, which :meth:`load` ignores), as JSON."""
+        atomic_write_text(path, json.dumps(dataclasses.asdict(self) | extra, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:

@@ -5,6 +5,10 @@ steps ``x_{k+1} = x_k + step_size * V(x_k)`` (:func:`driftops.flow`, warm-starte
 ``(x_k, t_k = k/K, v_k = K * step_size * V(x_k))``, so that Euler steps of size 1/K with v
 reproduce the flow on t in [0, 1]. A :class:`~driftops.models.VelocityField` regresses v by MSE;
 sampling integrates it with ``sample_steps`` Euler steps (default ``flow_steps``).
+
+Distributed: each rank flows its share of the particles against its share of the target points along the drift
+of the whole clouds and keeps the triples of its own particles; every step regresses a share of the minibatch on
+each rank.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from torch import nn
 
 from ..errors import DriftopsError
 from ..models import VelocityField
+from ..parallel import Launch
+from .config import TrainConfig
 from .loop import Run
 from .method import Method, drift_flow
+from .targets import Target
 
 
 class NSGF(Method):
@@ -24,8 +31,8 @@ class NSGF(Method):
 
     name = "nsgf"
 
-    def __init__(self, cfg, target) -> None:
-        super().__init__(cfg, target)
+    def __init__(self, cfg: TrainConfig, target: Target, launch: Launch | None = None) -> None:
+        super().__init__(cfg, target, launch)
         if cfg.conditional:
             raise DriftopsError("nsgf has no class-conditional velocity field; drop --conditional or use --method drifting")
         self.pool: dict[str, torch.Tensor] | None = None
@@ -34,17 +41,17 @@ class NSGF(Method):
         return VelocityField(self.target.dim, self.cfg.hidden, self.cfg.blocks)
 
     def build_pool(self, rng: torch.Generator) -> None:
-        """Run the Sinkhorn particle flow and store its (x, t, v) triples, each (flow_steps * batch, ...)."""
+        """Run the Sinkhorn particle flow and store its (x, t, v) triples, each (flow_steps * batch, ...) (this rank's)."""
         cfg = self.cfg
-        x0 = self.noise(cfg.batch, self.target.dim, rng)
-        y = self.target.sample(cfg.target_batch or cfg.batch, rng)
+        x0 = self.noise(self.batch, self.target.dim, rng)
+        y = self.target.sample(self.target_batch, rng)
         k_total = cfg.flow_steps
         xs = [x0]
 
         def record(step: int, x: torch.Tensor, info) -> None:
             xs.append(x.clone())
 
-        drift_flow(x0, y, cfg, k_total, record)
+        drift_flow(x0, y, cfg, k_total, record, group=self.group)
         path = torch.stack(xs)  # (K + 1, batch, D): x_0 .. x_K
         t = torch.arange(k_total, dtype=x0.dtype, device=x0.device) / k_total
         # x_{k+1} - x_k = step_size * V(x_k), so K * (x_{k+1} - x_k) = K * step_size * V(x_k).
@@ -53,8 +60,8 @@ class NSGF(Method):
     def round(self, run: Run) -> dict[str, float]:
         if self.pool is None:
             self.build_pool(run.rng)
-        idx = torch.randint(len(self.pool["x"]), (self.cfg.fit_batch,), generator=run.rng, device=self.cfg.device)
-        loss = F.mse_loss(run.model(self.pool["x"][idx], self.pool["t"][idx]), self.pool["v"][idx])
+        idx = torch.randint(len(self.pool["x"]), (self.fit_batch,), generator=run.rng, device=self.cfg.device)
+        loss = F.mse_loss(run.net(self.pool["x"][idx], self.pool["t"][idx]), self.pool["v"][idx])
         run.optimise(loss)
         return {"loss": float(loss.detach())}
 

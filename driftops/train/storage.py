@@ -1,12 +1,13 @@
 """The run folder on disk: atomic file writes, the checkpoint and the metrics log.
 
 A run folder holds ``config.json`` (a :class:`~driftops.train.TrainConfig`), ``metrics.jsonl`` (one
-JSON record per logged step), ``checkpoint.pt`` (model, EMA, optimiser, step, RNG and method
+JSON record per logged step), ``checkpoint.pt`` (model, EMA, optimiser, step, and every rank's RNG and method
 states, written atomically) and, when training ends, ``metrics.json`` (a summary).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -48,13 +49,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
 
 
-def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> dict:
-    """The checkpoint dictionary of a run folder (keys: model, ema, optimizer, step, rng, method, config)."""
+def read_checkpoint(run_dir: str | Path) -> bytes:
+    """The bytes of a run folder's checkpoint (what :func:`load_checkpoint` parses)."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise DriftopsError(f"no {CHECKPOINT} in {run_dir}; pass a run folder written by `driftops train`")
+    return path.read_bytes()
+
+
+def parse_checkpoint(data: bytes, device: str = "cpu") -> dict:
+    """The checkpoint dictionary of checkpoint bytes (keys: config, step, seconds, world_size, model, ema, optimizer
+    and ranks, one ``{"rng", "method"}`` state per rank), its tensors on ``device``."""
     # Our own file: it holds numpy RNG states, which the weights-only unpickler refuses.
-    return torch.load(path, map_location=device, weights_only=False)
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+
+
+def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> dict:
+    """The checkpoint dictionary of a run folder (see :func:`parse_checkpoint`)."""
+    return parse_checkpoint(read_checkpoint(run_dir), device)
 
 
 def remove_stale_temporaries(folder: Path) -> None:
