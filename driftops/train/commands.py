@@ -1,7 +1,8 @@
 """The ``driftops train``, ``driftops eval`` and ``driftops sample`` subcommands.
 
 ``driftops train`` exposes every :class:`TrainConfig` field as ``--field-name`` (``--preset paper``
-sets the Sinkhorn-drifting paper's protocol; flags given override it); ``driftops eval RUN_DIR``
+sets the Sinkhorn-drifting paper's protocol; flags given override it) and trains distributed under
+``torchrun --nproc-per-node K -m driftops train ...``; ``driftops eval RUN_DIR``
 samples the trained model and writes ``eval.json``, ``samples.png``, ``curves.png`` and, for
 digits, ``digits.png``; ``driftops sample RUN_DIR --n N --out file.npy`` writes samples.
 """
@@ -17,6 +18,7 @@ from ..backends import BACKENDS
 from ..costs import COSTS
 from ..data import TOYS, TOY_ALIASES
 from ..models import ARCHITECTURES
+from ..parallel import Launch
 from ..plans import PLANS
 from ..viz import save_run_figures
 from .api import EXACT_W2_POINTS, METHODS, draw_samples, evaluate, load_run, sample_model, save_samples, train
@@ -101,9 +103,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    """Train from parsed arguments; write figures of the final model; return the summary."""
+    """Train from parsed arguments; write figures of the final model; return the summary.
+
+    Under ``torchrun --nproc-per-node K`` (or ``--nnodes``) every process joins the launch's group
+    (:meth:`Launch.from_env`) and trains its share of each batch; rank 0 writes the folder and the figures.
+    """
     cfg = config_from_args(args)
-    summary = train(cfg, resume=args.resume)
+    launch = Launch.from_env(cfg.device)
+    try:
+        summary = train(cfg, resume=args.resume, group=launch)
+    finally:
+        if launch is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if launch is not None and launch.rank != 0:
+        return summary
     _, method, model = load_run(cfg.out)
     target = method.target
     x, labels = target.eval_set(cfg.eval_points, cfg.seed + 1)
