@@ -1,10 +1,12 @@
-"""Sharded calls over Gloo process groups equal one process; faults raise on every rank.
+"""Sharded calls and distributed training over Gloo process groups equal one process; faults raise on every rank.
 
 Each test spawns its ranks once (process start-up dominates) and runs several cases in them; the single-process
 references are computed first in the parent, which also compiles most KeOps formulas before the ranks need them
 (a formula first met by several ranks at once is compiled by one while the others wait for it).
 """
 
+import datetime
+import json
 import os
 import socket
 import subprocess
@@ -20,7 +22,9 @@ import torch.multiprocessing as tmp
 import driftops
 from driftops.backends import DenseBackend
 from driftops.data import sample_toy
-from driftops.parallel import Comm, Sharding, divide_cores
+from driftops.parallel import Comm, Launch, Sharding, divide_cores
+from driftops.train import METHODS, Drifting, Run, SinkhornLoss, TrainConfig, load_checkpoint, read_metrics, train
+from driftops.train.loop import rank_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +47,7 @@ def _free_port() -> int:
 
 def _worker(rank, world, port, job, args, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     divide_cores(world)
     try:
         job(rank, world, out, *args)
@@ -232,3 +236,155 @@ def test_flow_cli_under_torchrun(tmp_path):
     assert config["world_size"] == 2
     particles = __import__("numpy").load(tmp_path / "particles.npy")
     assert particles.shape == (300, 2)
+
+
+# Distributed training: the ranks' draws concatenate to a single process's, so the runs are comparable.
+
+
+def _tiny(out: Path, **overrides) -> TrainConfig:
+    """A float64 CPU-cheap configuration (small MLP, dense backend, Sinkhorn converged far below float32 rounding)."""
+    base = dict(
+        target="8gaussians", out=str(out), batch=32, hidden=16, blocks=1, noise_dim=4, lr=1e-2, eps=[0.5], plan="sinkhorn",
+        backend="dense", dtype="float64", sinkhorn_tol=1e-10, sinkhorn_iters=2000, steps=3, log_every=1, ema=0.9,
+        eval_points=100, checkpoint_every=100, progress=False, threads=1,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def _concatenated(method_cls: type, world: int) -> type:
+    """``method_cls`` drawing, in one process, the concatenation of what ``world`` ranks draw (each rank's share
+    from its own generator, seeded by rank_seed), in rank order."""
+
+    class Concatenated(method_cls):
+        def __init__(self, cfg, target, launch=None):
+            super().__init__(cfg, target, launch)
+            self.rngs = [torch.Generator().manual_seed(rank_seed(cfg.seed, r)) for r in range(world)]
+
+        def draw(self, rng):
+            whole = self.batch, self.target_batch
+            self.batch, self.target_batch = whole[0] // world, whole[1] // world
+            parts = [method_cls.draw(self, g) for g in self.rngs]
+            self.batch, self.target_batch = whole
+            return torch.cat([z for z, _, _ in parts]), None, {None: torch.cat([p[None] for _, _, p in parts])}
+
+    return Concatenated
+
+
+def _params(run: Run) -> dict:
+    return {k: v.clone() for k, v in run.model.state_dict().items()}
+
+
+class FolderAccess:
+    """Records this process's opens, creations and renames of paths under ``folder`` (an audit hook)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.events = str(folder), []
+        sys.addaudithook(self.hook)
+
+    def hook(self, event: str, args: tuple) -> None:
+        if event in ("open", "os.mkdir", "os.rename", "os.replace", "os.remove") and any(str(a).startswith(self.folder) for a in args[:2]):
+            self.events.append((event, str(args[0])))
+
+
+def _training_job(rank, world, out, folder):
+    access = FolderAccess(folder)
+    launch = Launch.of(dist.group.WORLD, timeout=60.0)
+    for name, method in (("drifting", "drifting"), ("sinkhorn_loss", "sinkhorn_loss")):
+        run = Run.open(_tiny(folder / name, method=method), METHODS[method], launch=launch)
+        out[f"{name}/init/{rank}"] = _params(run)
+        out[f"{name}/summary/{rank}"] = run.train()
+        out[f"{name}/params/{rank}"] = _params(run)
+    out[f"access/{rank}"] = access.events
+
+
+def test_two_rank_training_equals_one_process_on_the_concatenated_batch(tmp_path):
+    out = _spawn(2, _training_job, tmp_path / "ranks")
+    for name, method_cls in (("drifting", Drifting), ("sinkhorn_loss", SinkhornLoss)):
+        run = Run.open(_tiny(tmp_path / "one" / name, method=name), _concatenated(method_cls, 2))
+        init = _params(run)
+        summary = run.train()
+        ref = _params(run)
+        for key, want in ref.items():
+            a, b = out[f"{name}/params/0"][key], out[f"{name}/params/1"][key]
+            assert torch.equal(out[f"{name}/init/0"][key], init[key])  # identical initialisation
+            assert torch.equal(a, b), (name, key)  # DDP keeps the ranks identical
+            torch.testing.assert_close(a, want, rtol=1e-9, atol=1e-11, msg=f"{name} {key}")
+        assert max(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-2  # the runs did move the weights
+        assert out[f"{name}/summary/0"]["loss"] == pytest.approx(summary["loss"], rel=1e-9)
+    # Rank 0 alone touches the run folders, which hold what a single-process run writes.
+    assert out["access/1"] == [] and out["access/0"]
+    for name in ("drifting", "sinkhorn_loss"):
+        folder = tmp_path / "ranks" / name
+        assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (tmp_path / "one" / name).iterdir())
+        config = json.loads((folder / "config.json").read_text())
+        assert (config["world_size"], config["rank_batch"], config["batch"]) == (2, 16, 32)
+        assert [r["step"] for r in read_metrics(folder)] == [1, 2, 3]  # logged once per step
+        assert load_checkpoint(folder)["world_size"] == 2 and len(load_checkpoint(folder)["ranks"]) == 2
+
+
+def _resume_job(rank, world, out, folder):
+    launch = Launch.of(dist.group.WORLD, timeout=60.0)
+    for method, extra in (("drifting", {"minibatch": 16}), ("nsgf", {"flow_steps": 3, "plan": "one_sided"})):
+        settings = dict(method=method, steps=8, **extra)
+        train(_tiny(folder / method / "straight", **settings), group=launch)
+        train(_tiny(folder / method / "resumed", **{**settings, "steps": 4}), group=launch)  # stops at step 4
+        train(_tiny(folder / method / "resumed", **settings), resume=True, group=launch)
+
+
+def test_resumed_two_rank_run_continues_like_an_uninterrupted_one(tmp_path):
+    _spawn(2, _resume_job, tmp_path)
+    for method in ("drifting", "nsgf"):
+        a, b = load_checkpoint(tmp_path / method / "straight"), load_checkpoint(tmp_path / method / "resumed")
+        assert a["step"] == b["step"] == 8
+        for key in ("model", "ema"):
+            for name, tensor in a[key].items():
+                assert torch.equal(tensor, b[key][name]), (method, key, name)
+        logs = [[{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / method / p)] for p in ("straight", "resumed")]
+        assert logs[0] == logs[1] and len(logs[0]) >= 4 and logs[0][-1]["step"] == 8  # drifting logs once per round of 2 steps
+
+
+def _mismatch_job(rank, world, out, folder):
+    launch = Launch.of(dist.group.WORLD, timeout=30.0)
+    cases = {
+        "lr": _tiny(folder / "lr", lr=0.01 * (rank + 1)),
+        "batch": _tiny(folder / "batch", batch=33),
+        "warm": _tiny(folder / "warm", sinkhorn_warm=True),
+        "nan": _tiny(folder / "nan"),
+    }
+    if rank == 1:  # this rank's loss becomes NaN at the first step
+        original = torch.nn.functional.mse_loss
+        torch.nn.functional.mse_loss = lambda *a, **k: original(*a, **k) * float("nan")
+    for name, cfg in cases.items():
+        try:
+            train(cfg, group=launch)
+            out[f"{name}/{rank}"] = "returned"
+        except driftops.DriftopsError as err:
+            out[f"{name}/{rank}"] = f"{type(err).__name__}: {err}"
+
+
+def test_mismatched_settings_and_failures_raise_on_every_rank(tmp_path):
+    out = _spawn(2, _mismatch_job, tmp_path)
+    for name in ("lr", "batch", "warm", "nan"):
+        assert out[f"{name}/0"] == out[f"{name}/1"] != "returned", name
+    assert "lr: rank 0 0.01, rank 1 0.02" in out["lr/0"]
+    assert "batch (33) is the global batch" in out["batch/0"] and "--batch 32 or 34" in out["batch/0"]
+    assert "sinkhorn-warm" in out["warm/0"]
+    assert out["nan/0"].startswith("DivergenceError: the loss became nan on rank 1 of 2 at step 0")
+
+
+def test_train_cli_under_torchrun(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "driftops", "train",
+        "--target", "checkerboard", "--plan", "sinkhorn", "--eps", "0.5", "--steps", "3", "--batch", "64", "--hidden", "16",
+        "--blocks", "1", "--backend", "dense", "--sinkhorn-iters", "50", "--eval-points", "200", "--log-every", "1",
+        "--no-progress", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("run folder:") == 1  # rank 0 reports, once
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["world_size"], config["rank_batch"]) == (2, 32)
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert (tmp_path / "samples.png").is_file()
