@@ -74,7 +74,7 @@ class Sinkhorn:
     multiscale: bool = True
     level_cells: float = 2.0
     level_shrink: float = 2.0
-    coarse_tol: float = 1.0
+    coarse_tol: float = 3.0
     warm_accept: float = 0.05
     warm_restart: float = 64.0
     stall: int = 500

@@ -255,7 +255,8 @@ def test_stage_list_for_a_known_cloud():
     geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), comm)
     plan = stages(cloud, None, geom, Sinkhorn(annealing=0.5), top=1.0)
     assert [st.eps for st in plan] == pytest.approx([1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625] + [0.01] * 5)
-    assert [st.tol for st in plan] == [None] * 7 + [1e-3] * 5
+    assert [st.tol for st in plan[:7]] == [None] * 7  # one update per annealing temperature
+    assert [st.tol for st in plan[7:]] == pytest.approx([3e-3] * 4 + [1e-3])  # coarse levels to coarse_tol * tol
     assert [st.rows.full.shape[0] for st in plan[7:]] == [9, 25, 100, 400, 4096]
     assert plan[-1].rows is cloud and all(st.cols is None for st in plan)
     assert [st.rows.full.shape[0] for st in plan[:2]] == [4, 9]  # annealing temperatures on their own levels
