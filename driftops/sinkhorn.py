@@ -387,7 +387,10 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
         if f is None:
             f, coarse_its = _update(geom, src, dst, g, eps), 1
         rows, pot, other = (src, f, f) if symmetric else (dst, g, f)
-        start = _error(rows.log_marginal(), pot, _update(geom, rows, src, other, eps), eps)
+        exact = _update(geom, rows, src, other, eps)
+        start = _error(rows.log_marginal(), pot, exact, eps)
+        # The reduction that measured the start also gives the next update: keep it (averaged for the self problem).
+        f, g = (0.5 * (f + exact),) * 2 if symmetric else (f, exact)
         plan = stages(src, dst, geom, solver, None if start < solver.warm_accept else min(top, solver.warm_restart * eps))
         f_on, g_on, fresh = src, dst, False
     err, its, stalled = math.inf, 0, False
