@@ -25,7 +25,8 @@ from the same log-sum-exp values. The self problem (x = y) uses the averaged sym
 
 The stopping test is the L1 error of the column marginal when the row marginals are exact, checked on the
 points with an exact (un-relaxed) f; a solve whose error stops decreasing (float32 rounding at a tiny eps)
-stops early with a warning that gives the error reached.
+stops early with a warning that gives the error reached, and an error below what the potentials' dtype can
+resolve at eps (:func:`_resolution`) is reported as that resolution.
 """
 
 from __future__ import annotations
@@ -344,6 +345,14 @@ def _iterate_cross(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, ep
     return f, g, err, p.it, False
 
 
+def _resolution(f: torch.Tensor, g: torch.Tensor, eps: float) -> float:
+    """The smallest L1 marginal error the potentials' dtype resolves at eps: one rounding unit of the largest
+    potential, relative to eps (the exponent's rounding error). Reported in place of smaller errors, which a
+    float32 solve can reach by hitting a fixed point of its own rounding."""
+    scale = max(float(f.abs().max()), float(g.abs().max())) if f.numel() else 0.0
+    return torch.finfo(f.dtype).eps * scale / eps
+
+
 def _carry_over(warm: SinkhornResult, src: Cloud, dst: Cloud | None, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Warm potentials (f on src, g on dst) from a previous result: as they are for the same points (moved in place,
     e.g. a flow step), by one c-transform of the previous f over the previous source for new points (the potentials
@@ -417,9 +426,15 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
             f_on = st.rows
         if st is not plan[-1] and st.tol is not None:
             coarse_its += its
+    floor = _resolution(f, g, eps)
+    err = max(err, floor)
     converged = err < solver.tol
     if not converged:
-        if stalled:
+        if floor >= solver.tol:
+            why = f"at the resolution of {str(f.dtype).removeprefix('torch.')} potentials at eps={eps:g}: marginal errors below {floor:.1e} cannot be resolved"
+            if f.dtype == torch.float32:
+                why += " (float32 potentials cannot resolve this temperature: use float64)"
+        elif stalled:
             why = f"early: its marginal error stopped decreasing at {err:.2e} > tol={solver.tol:g} after {its} iterations at eps={eps:g}"
             if src.local.dtype == torch.float32:
                 why += " (float32 potentials cannot resolve this temperature: use float64)"

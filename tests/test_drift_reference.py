@@ -97,6 +97,49 @@ def test_reductions_with_logweights_and_offsets(backend, offset):
     assert torch.allclose(backend.weighted_mean(x, y, 0.05, "sqeuclidean", y, logw, offset), torch.softmax(s, 1) @ y, atol=1e-10)
 
 
+def test_dense_backend_reuses_costs_only_for_unmodified_clouds():
+    """The dense backend keeps the cost matrices of recent calls: reused for the same clouds (also transposed),
+    recomputed after an in-place change or for a new tensor with the same storage size."""
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(30, 2, generator=g, dtype=torch.float64), torch.randn(45, 2, generator=g, dtype=torch.float64)
+    logw = torch.randn(45, generator=g, dtype=torch.float64)
+    backend = DenseBackend()
+
+    def expected(a, b, w):
+        return torch.logsumexp(-reference.cost(a, b, "sqeuclidean") / 0.1 + w, 1)
+
+    for _ in range(2):
+        assert torch.allclose(backend.lse(x, y, 0.1, "sqeuclidean", logw), expected(x, y, logw), rtol=1e-12)
+        assert torch.allclose(backend.lse(y, x, 0.1, "sqeuclidean", None), expected(y, x, 0), rtol=1e-12)
+    x.add_(0.3)  # moved in place, as a flow step does
+    assert torch.allclose(backend.lse(x, y, 0.1, "sqeuclidean", logw), expected(x, y, logw), rtol=1e-12)
+    assert torch.allclose(backend.lse(y, x, 0.1, "sqeuclidean", None), expected(y, x, 0), rtol=1e-12)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)  # a new cloud of the same shape
+    assert torch.allclose(backend.lse(x, y, 0.1, "sqeuclidean", logw), expected(x, y, logw), rtol=1e-12)
+    assert backend.cost(x, y, "sqeuclidean") is backend.cost(x, y, "sqeuclidean")
+    assert torch.equal(backend.cost(y, x, "sqeuclidean"), backend.cost(x, y, "sqeuclidean").T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_backend_at_underflowing_temperatures(dtype):
+    """At eps far below the squared spread, most logits lie more than 80 below their row's maximum (where exp()
+    underflows float32); row sums and means still match float64 torch, and a fully masked row gives -inf."""
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(50, 2, generator=g, dtype=torch.float64), torch.randn(70, 2, generator=g, dtype=torch.float64)
+    logw = torch.randn(70, generator=g, dtype=torch.float64)
+    eps = 1e-3
+    s = -reference.cost(x, y, "sqeuclidean") / eps + logw
+    assert ((s - s.amax(1, keepdim=True)) < -80).float().mean() > 0.9
+    backend = DenseBackend()
+    xd, yd, wd = x.to(dtype), y.to(dtype), logw.to(dtype)
+    lse = backend.lse(xd, yd, eps, "sqeuclidean", wd)
+    mean = backend.weighted_mean(xd, yd, eps, "sqeuclidean", yd, wd)
+    assert rel_err(lse.double(), torch.logsumexp(s, 1)) < TOL[dtype]
+    assert rel_err(mean.double(), torch.softmax(s, 1) @ y) < TOL[dtype]
+    alone = backend.reduce_lse(xd[:3], yd[:1], eps, "sqeuclidean", None, torch.zeros(3, dtype=torch.int64))
+    assert torch.equal(alone, torch.full((3,), -float("inf"), dtype=dtype))
+
+
 @pytest.mark.parametrize("backend", [KeOpsBackend(), DenseBackend(), SparseBackend()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_self_mask_on_crowded_and_isolated_points(backend, dtype):
