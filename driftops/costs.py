@@ -30,9 +30,12 @@ def cost_power(cost: str) -> int:
 
 
 def dense_cost(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
-    """The full (N, M) cost matrix, computed without the matmul shortcut (exact to rounding)."""
-    diff = x[:, None, :] - y[None, :, :]
-    sq = (diff * diff).sum(-1)
+    """The full (N, M) cost matrix, computed without the matmul shortcut (exact to rounding), one coordinate at a
+    time (no (N, M, D) temporary)."""
+    sq = None
+    for d in range(x.shape[1]):
+        diff = x[:, d, None] - y[None, :, d]
+        sq = diff * diff if sq is None else sq.addcmul_(diff, diff)
     # Clamping at the smallest normal number keeps the gradient of sqrt finite (zero) at coincident points.
     return sq if cost_power(cost) == 2 else sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
 

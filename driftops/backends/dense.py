@@ -69,8 +69,8 @@ class DenseBackend(Backend):
     ) -> torch.Tensor:
         """The (N, M) logits ``logw_j - c_ij/eps`` with the pairs (i, diag_i) set to -inf."""
         n, m = x.shape[0], y.shape[0]
-        # The pairwise difference tensor (N, M, D) is the largest temporary.
-        needed = n * m * (x.shape[1] + 4) * x.element_size()
+        # The cost, the logits, their exponentials and one coordinate's differences: four (N, M) temporaries.
+        needed = 4 * n * m * x.element_size()
         if needed > _memory_budget(x.device):
             raise DriftopsError(
                 f"the dense backend would need {needed / 2**30:.1f} GiB for {n} x {m} points; "
