@@ -349,7 +349,7 @@ def _resolution(f: torch.Tensor, g: torch.Tensor, eps: float) -> float:
     """The smallest L1 marginal error the potentials' dtype resolves at eps: one rounding unit of the largest
     potential, relative to eps (the exponent's rounding error). Reported in place of smaller errors, which a
     float32 solve can reach by hitting a fixed point of its own rounding."""
-    scale = max(float(f.abs().max()), float(g.abs().max())) if f.numel() else 0.0
+    scale = max(float(f.abs().max()), float(g.abs().max()))
     return torch.finfo(f.dtype).eps * scale / eps
 
 

@@ -84,26 +84,25 @@ class DenseBackend(Backend):
         return s
 
     def reduce_lse(self, x, y, eps, cost, logw, diag):
-        p, total, shift, top = shifted_exp(self.logits(x, y, eps, cost, logw, diag))
-        return torch.where(top.isfinite(), total.log() + shift, top)[:, 0]
+        return shifted_exp(self.logits(x, y, eps, cost, logw, diag))[2]
 
     def reduce_mean(self, x, y, eps, cost, values, logw, diag):
-        p, total, _, _ = shifted_exp(self.logits(x, y, eps, cost, logw, diag))
+        p, total, _ = shifted_exp(self.logits(x, y, eps, cost, logw, diag))
         return (p @ values) / total
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
-        p, total, shift, top = shifted_exp(self.logits(x, y, eps, cost, logw, None))
-        return torch.where(top.isfinite(), total.log() + shift, top)[:, 0], (p @ values) / total
+        p, total, lse = shifted_exp(self.logits(x, y, eps, cost, logw, None))
+        return lse, (p @ values) / total
 
 
-def shifted_exp(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For logits s (N, M): ``p = exp(max(s - shift, EXP_FLOOR))`` (N, M), its row sums (N, 1), the shift (N, 1)
-    (the row maxima, 0 where a row has no finite maximum) and the row maxima (N, 1). The row log-sum-exp is
-    ``log(total) + shift`` where the maximum is finite; the softmax is ``p / total``."""
+def shifted_exp(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For logits s (N, M): ``p = exp(max(s - m, EXP_FLOOR))`` (N, M) with m the row maxima, its row sums (N, 1)
+    (the softmax is ``p / total``) and the row log-sum-exp (N,) (-inf for a row of -inf)."""
     top = s.amax(1, keepdim=True).detach()
     shift = torch.where(top.isfinite(), top, torch.zeros_like(top))
     if s.requires_grad:
         p = (s - shift).clamp_min(EXP_FLOOR).exp()
     else:
         p = torch.sub(s, shift).clamp_min_(EXP_FLOOR).exp_()
-    return p, p.sum(1, keepdim=True), shift, top
+    total = p.sum(1, keepdim=True)
+    return p, total, torch.where(top.isfinite(), total.log() + shift, top)[:, 0]
