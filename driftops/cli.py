@@ -106,13 +106,10 @@ def run_flow(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     launch = Launch.from_env(device)
-    try:
+    if launch is None:
+        return _flow(args, device, None)
+    with launch.joined():
         return _flow(args, device, launch)
-    finally:
-        if launch is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _flow(args: argparse.Namespace, device: str, launch) -> int:

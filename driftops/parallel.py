@@ -473,3 +473,16 @@ class Launch:
             backend = "nccl" if device == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=sharding.timeout))
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, local_world, dist.group.WORLD, sharding.timeout)
+
+    @contextmanager
+    def joined(self) -> Iterator["Launch"]:
+        """The block's work on this group, then the group destroyed; after a barrier when the block ended normally on
+        this rank, so that no rank closes its connections while another still receives its last messages (a Gloo
+        rank torn down early aborts its peers)."""
+        import torch.distributed as dist
+
+        try:
+            yield self
+            dist.barrier(group=self.group)
+        finally:
+            dist.destroy_process_group()

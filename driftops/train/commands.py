@@ -110,13 +110,11 @@ def run_train(args: argparse.Namespace) -> dict:
     """
     cfg = config_from_args(args)
     launch = Launch.from_env(cfg.device)
-    try:
-        summary = train(cfg, resume=args.resume, group=launch)
-    finally:
-        if launch is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    if launch is None:
+        summary = train(cfg, resume=args.resume)
+    else:
+        with launch.joined():
+            summary = train(cfg, resume=args.resume, group=launch)
     if launch is not None and launch.rank != 0:
         return summary
     _, method, model = load_run(cfg.out)
