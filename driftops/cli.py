@@ -6,6 +6,7 @@ Bad arguments print one line ``driftops <cmd>: error: ...`` and exit with status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -106,9 +107,7 @@ def run_flow(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     launch = Launch.from_env(device)
-    if launch is None:
-        return _flow(args, device, None)
-    with launch.joined():
+    with launch.joined() if launch is not None else contextlib.nullcontext():
         return _flow(args, device, launch)
 
 

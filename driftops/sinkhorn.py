@@ -432,13 +432,11 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     if not converged:
         if floor >= solver.tol:
             why = f"at the resolution of {str(f.dtype).removeprefix('torch.')} potentials at eps={eps:g}: marginal errors below {floor:.1e} cannot be resolved"
-            if f.dtype == torch.float32:
-                why += " (float32 potentials cannot resolve this temperature: use float64)"
         elif stalled:
             why = f"early: its marginal error stopped decreasing at {err:.2e} > tol={solver.tol:g} after {its} iterations at eps={eps:g}"
-            if src.local.dtype == torch.float32:
-                why += " (float32 potentials cannot resolve this temperature: use float64)"
         else:
             why = f"after {solver.max_iter} iterations at eps={eps:g} with marginal error {err:.2e} > tol={solver.tol:g}"
+        if (floor >= solver.tol or stalled) and f.dtype == torch.float32:
+            why += " (float32 potentials cannot resolve this temperature: use float64)"
         warnings.warn(f"Sinkhorn stopped {why}; raise max_iter, raise tol or use a larger eps", RuntimeWarning, stacklevel=3)
     return SinkhornResult(f, g, eps, its, err, converged, omega.value, coarse_its, (src, dst))

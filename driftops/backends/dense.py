@@ -99,10 +99,11 @@ def shifted_exp(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """For logits s (N, M): ``p = exp(max(s - m, EXP_FLOOR))`` (N, M) with m the row maxima, its row sums (N, 1)
     (the softmax is ``p / total``) and the row log-sum-exp (N,) (-inf for a row of -inf)."""
     top = s.amax(1, keepdim=True).detach()
-    shift = torch.where(top.isfinite(), top, torch.zeros_like(top))
+    finite = top.isfinite()
+    shift = torch.where(finite, top, torch.zeros_like(top))
     if s.requires_grad:
         p = (s - shift).clamp_min(EXP_FLOOR).exp()
     else:
         p = torch.sub(s, shift).clamp_min_(EXP_FLOOR).exp_()
     total = p.sum(1, keepdim=True)
-    return p, total, torch.where(top.isfinite(), total.log() + shift, top)[:, 0]
+    return p, total, torch.where(finite, total.log() + shift, top)[:, 0]

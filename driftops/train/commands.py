@@ -10,6 +10,7 @@ digits, ``digits.png``; ``driftops sample RUN_DIR --n N --out file.npy`` writes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -110,11 +111,8 @@ def run_train(args: argparse.Namespace) -> dict:
     """
     cfg = config_from_args(args)
     launch = Launch.from_env(cfg.device)
-    if launch is None:
-        summary = train(cfg, resume=args.resume)
-    else:
-        with launch.joined():
-            summary = train(cfg, resume=args.resume, group=launch)
+    with launch.joined() if launch is not None else contextlib.nullcontext():
+        summary = train(cfg, resume=args.resume, group=launch)
     if launch is not None and launch.rank != 0:
         return summary
     _, method, model = load_run(cfg.out)
