@@ -8,6 +8,7 @@ its last checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -38,19 +39,29 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class Store:
-    """Finished cases of a script, ``{key: record}``, in ``benchmarks/results/<name>.json`` (with the command line)."""
+    """Finished cases of a script, ``{key: record}``, in ``benchmarks/results/<name>.json`` (with the command line).
+
+    Several processes may fill one store with disjoint cases: each write merges into the file's current
+    records under an exclusive lock.
+    """
 
     def __init__(self, name: str) -> None:
         self.path = RESULTS / f"{name}.json"
-        self.records: dict[str, dict] = json.loads(self.path.read_text())["records"] if self.path.exists() else {}
+        self.records: dict[str, dict] = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        return json.loads(self.path.read_text())["records"] if self.path.exists() else {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
 
     def add(self, key: str, record: dict) -> None:
-        self.records[key] = record
-        meta = {"command": command_line(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
-        write_atomic(self.path, json.dumps({"meta": meta, "records": self.records}, indent=1) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.records = {**self._read(), key: record}
+            meta = {"command": command_line(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+            write_atomic(self.path, json.dumps({"meta": meta, "records": self.records}, indent=1) + "\n")
 
 
 def command_line() -> str:

@@ -30,7 +30,7 @@ BENCHMARKS = ("drift", "sparse", "flow")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 # Default demo: Gaussian noise to the checkerboard (`driftops flow` without arguments), every step's Sinkhorn solve
 # converged to tol (max_iter is a safety net): the potentials and the over-relaxation factor carry over from step to step.
-DEMO = {"n": 20000, "eps": 0.01, "steps": 60, "step_size": 1.0, "tol": 1e-3, "max_iter": 1000}
+DEMO = {"n": 20000, "eps": 0.01, "steps": 20, "step_size": 1.0, "tol": 1e-3, "max_iter": 1000}
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,7 +70,7 @@ def _add_flow(sub) -> None:
         help="run a particle flow toward a target and save figures",
         description="Flow source particles toward a target along the drift field and write config.json, "
         "metrics.json, particles.npy, flow.png, trails.png, history.png and flow.gif into --out. "
-        "Without arguments: the checkerboard demo (20,000 points, 60 steps, eps 0.01, every step's Sinkhorn "
+        "Without arguments: the checkerboard demo (20,000 points, 20 steps, eps 0.01, every step's Sinkhorn "
         "solve converged to tol 1e-3). Under torchrun (torchrun --nproc-per-node K -m driftops "
         "flow ...) each rank flows its slice of the particles (Gloo on CPU, NCCL on CUDA; local ranks divide the "
         "machine's cores) and rank 0 writes the outputs.",

@@ -2,7 +2,8 @@
 
 With ``plan="sinkhorn"`` this is the Sinkhorn-divergence gradient flow (``V = -N grad S_eps``).
 Sinkhorn potentials are warm-started from the previous step, so a flow step costs a few
-Sinkhorn iterations instead of a full eps-annealing. Runs without autograd.
+Sinkhorn iterations instead of a full eps-annealing. Runs without autograd. The progress bar shows the
+running Sinkhorn solve (stage, points, iteration, marginal error) while a step is under way.
 
 Sharded flows (``group=``): each rank flows its own slice of the particles against its slice of the target;
 snapshots, metrics and the drift norm are those of the whole cloud and equal on every rank, and a stop (callback,
@@ -11,9 +12,10 @@ divergence, bad input) on one rank stops every rank at the same step.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,7 +28,7 @@ from .drift import DriftInfo, drift
 from .errors import DivergenceError, DriftopsError
 from .parallel import Comm
 from .plans import PLANS
-from .sinkhorn import Sinkhorn, as_solver
+from .sinkhorn import Sinkhorn, SolveStatus, as_solver
 
 Schedule = Callable[[int], float] | Sequence[float] | None
 DIVERGENCE_HINT = "use a smaller step_size or a larger eps"
@@ -103,6 +105,21 @@ def _gather_rows(t: torch.Tensor, index: torch.Tensor, offset: int, comm: Comm) 
     ``offset .. offset + len(t)`` are this rank's ``t``."""
     mine = index[(index >= offset) & (index < offset + len(t))] - offset
     return comm.gather(t[mine.to(t.device)]).cpu()
+
+
+def _show_solve(bar: tqdm, postfix: dict[str, str], every: float = 1.0) -> Callable[[SolveStatus], None]:
+    """A ``Sinkhorn.progress`` hook showing the running solve in ``bar``'s postfix, at most once per ``every`` seconds."""
+    last = -math.inf
+
+    def show(s: SolveStatus) -> None:
+        nonlocal last
+        if time.perf_counter() - last >= every:
+            last = time.perf_counter()
+            err = "" if math.isinf(s.error) else f", err {s.error:.1e}"
+            postfix["solve"] = f"{'self' if s.symmetric else 'cross'} {s.stage}/{s.stages}, {s.points} pts, it {s.iteration}{err}"
+            bar.set_postfix(postfix)
+
+    return show
 
 
 def _w2(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -191,6 +208,9 @@ def flow(
     info = warm_start
     unconverged = 0
     with torch.no_grad(), tqdm(range(steps), desc=f"flow ({plan})", disable=not progress or comm.rank != 0, unit="step") as bar:
+        postfix: dict[str, str] = {}
+        if not bar.disable and solver.progress is None:
+            solver = replace(solver, progress=_show_solve(bar, postfix))
         for k in bar:
             tick = time.perf_counter()
             info = _rekey(info, eps_values[k])
@@ -199,6 +219,7 @@ def flow(
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", "Sinkhorn stopped", RuntimeWarning)  # summarised once below
                     v, info = drift(x, y, eps_k, plan, cost, True, backend, group=group, solver=solver, warm_start=info, return_info=True)
+                postfix.pop("solve", None)
             except DriftopsError as err:
                 if k == 0:
                     raise
@@ -223,7 +244,8 @@ def flow(
             last = stop or step == steps
             record(step, last or step % snapshot_every == 0, last or (metric_every is not None and step % metric_every == 0))
             if metric_every is not None and history["metric_step"][-1] == step:
-                bar.set_postfix(w2=f"{history['w2'][-1]:.3g}", drift=f"{history['drift_norm'][-1]:.3g}")
+                postfix.update(w2=f"{history['w2'][-1]:.3g}", drift=f"{history['drift_norm'][-1]:.3g}")
+                bar.set_postfix(postfix)
             if stop:
                 break
     result.seconds = time.perf_counter() - start

@@ -27,12 +27,16 @@ The stopping test is the L1 error of the column marginal when the row marginals 
 points with an exact (un-relaxed) f; a solve whose error stops decreasing (float32 rounding at a tiny eps)
 stops early with a warning that gives the error reached, and an error below what the potentials' dtype can
 resolve at eps (:func:`_resolution`) is reported as that resolution.
+
+A solve reports where it is to ``Sinkhorn(progress=fn)``: ``fn(SolveStatus)`` at the start of every stage and of
+every iteration (``driftops.flow`` shows it in its progress bar).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -63,6 +67,8 @@ class Sinkhorn:
     warm_accept: a warm start whose marginal error is below it is iterated directly, worse ones
     re-anneal from ``warm_restart * eps``. stall: iterations without a 1% improvement of the best
     marginal error after which a solve stops (its error cannot improve further, e.g. float32 rounding).
+    progress: called with a :class:`SolveStatus` at the start of every stage and of every iteration (not a
+    setting: ignored by ``==`` and ``repr``).
     """
 
     tol: float = 1e-3
@@ -79,6 +85,7 @@ class Sinkhorn:
     warm_accept: float = 0.05
     warm_restart: float = 64.0
     stall: int = 500
+    progress: Callable[[SolveStatus], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> DriftopsError:
@@ -135,6 +142,21 @@ class SinkhornResult:
     omega: float = 1.0
     coarse_iterations: int = 0
     support: tuple[Cloud, Cloud | None] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class SolveStatus:
+    """Where a running solve is: ``stage`` (1-based) of ``stages``, at temperature ``eps`` on ``points`` row points
+    (of the self problem when ``symmetric``), at its ``iteration``-th iteration (0: starting), with the last measured
+    marginal error ``error`` (inf before the first)."""
+
+    stage: int
+    stages: int
+    eps: float
+    points: int
+    symmetric: bool
+    iteration: int = 0
+    error: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -287,25 +309,35 @@ class _Omega:
 
 @dataclass
 class _Progress:
-    """Iterations of one stage and the stall test on its best marginal error."""
+    """Iterations of one stage, the stall test on its best marginal error, and the reports to ``solver.progress``
+    (``status``: the stage's, None when nobody listens)."""
 
     solver: Sinkhorn
+    status: SolveStatus | None
     it: int = 0
+    err: float = math.inf
     best: float = math.inf
     since: int = 0
 
+    def next(self) -> None:
+        """Start an iteration and report it with the last measured error."""
+        self.it += 1
+        if self.status is not None:
+            self.solver.progress(replace(self.status, iteration=self.it, error=self.err))
+
     def stalled(self, err: float) -> bool:
-        """True after ``solver.stall`` iterations without a 1% improvement of the best error."""
+        """Record a measured error; True after ``solver.stall`` iterations without a 1% improvement of the best one."""
+        self.err = err
         if err < 0.99 * self.best:
             self.best, self.since = err, self.it
         return self.it - self.since >= self.solver.stall
 
 
-def _iterate_self(geom: Geometry, rows: Cloud, f: torch.Tensor, eps: float, tol: float, solver: Sinkhorn):
+def _iterate_self(geom: Geometry, rows: Cloud, f: torch.Tensor, eps: float, tol: float, solver: Sinkhorn, status: SolveStatus | None):
     """Averaged symmetric iterations ``f <- (f + T(f)) / 2`` to ``tol``: returns (f, error, iterations, stalled)."""
-    p, err = _Progress(solver), math.inf
+    p, err = _Progress(solver, status), math.inf
     while p.it < solver.max_iter:
-        p.it += 1
+        p.next()
         f_new = _update(geom, rows, rows, f, eps)
         err = _error(rows.log_marginal(), f, f_new, eps)
         if err < tol:
@@ -316,17 +348,17 @@ def _iterate_self(geom: Geometry, rows: Cloud, f: torch.Tensor, eps: float, tol:
     return f, err, p.it, False
 
 
-def _iterate_cross(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, eps: float, tol: float, solver: Sinkhorn, omega: _Omega):
+def _iterate_cross(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, eps: float, tol: float, solver: Sinkhorn, omega: _Omega, status: SolveStatus | None):
     """Over-relaxed alternating iterations from g (on cols) to ``tol``: returns (f, g, error, iterations, stalled).
 
     Every ``solver.window``-th f half-step is exact (not relaxed), and so is the one after an error below ``tol``:
     the next column error is then the true marginal error (rows exact), on which the stopping test, the stall test
     and the choice of ω rely. (With f over-relaxed the column error overstates it, by 3-4x at ω = 1.95.)
     """
-    p, err = _Progress(solver), math.inf
+    p, err = _Progress(solver, status), math.inf
     f, exact = _update(geom, rows, cols, g, eps), True
     while p.it < solver.max_iter:
-        p.it += 1
+        p.next()
         g_star = _update(geom, cols, rows, f, eps)
         err = _error(cols.log_marginal(), g, g_star, eps)
         if exact:
@@ -403,7 +435,10 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
         plan = stages(src, dst, geom, solver, None if start < solver.warm_accept else min(top, solver.warm_restart * eps))
         f_on, g_on, fresh = src, dst, False
     err, its, stalled = math.inf, 0, False
-    for st in plan:
+    for k, st in enumerate(plan):
+        status = None if solver.progress is None else SolveStatus(k + 1, len(plan), st.eps, st.rows.n, symmetric)
+        if status is not None:
+            solver.progress(status)
         if symmetric:
             if f_on is not st.rows or fresh:
                 f, f_on, fresh = _update(geom, st.rows, f_on, f, st.eps), st.rows, False
@@ -412,7 +447,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
                 f = 0.5 * (f + _update(geom, st.rows, f_on, f, st.eps))
                 coarse_its += 1
             if st.tol is not None:
-                f, err, its, stalled = _iterate_self(geom, st.rows, f, eps, st.tol, solver)
+                f, err, its, stalled = _iterate_self(geom, st.rows, f, eps, st.tol, solver, status)
             g = f
         elif st.tol is None:
             f, f_on = _update(geom, st.rows, g_on, g, st.eps), st.rows
@@ -422,7 +457,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
             if g_on is not st.cols:
                 g, g_on = _update(geom, st.cols, f_on, f, st.eps), st.cols
             omega.restart()
-            f, g, err, its, stalled = _iterate_cross(geom, st.rows, st.cols, g, eps, st.tol, solver, omega)
+            f, g, err, its, stalled = _iterate_cross(geom, st.rows, st.cols, g, eps, st.tol, solver, omega, status)
             f_on = st.rows
         if st is not plan[-1] and st.tol is not None:
             coarse_its += its

@@ -10,9 +10,9 @@ from driftops.backends import DenseBackend, KeOpsBackend, SparseBackend
 import reference
 
 SIZES = [(37, 23), (64, 97)]
-CASES = [  # (D, dtype): every D in float64, a spread in float32
+CASES = [  # (D, dtype): every D in float64, the smallest and largest in float32 (each pair compiles its own formulas)
     (1, torch.float64), (2, torch.float64), (3, torch.float64), (16, torch.float64), (64, torch.float64),
-    (2, torch.float32), (16, torch.float32), (64, torch.float32),
+    (2, torch.float32), (64, torch.float32),
 ]
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
@@ -67,9 +67,16 @@ def test_barycentric_map_matches_formulas(plan):
     assert rel_err(t, ref) < 1e-8
 
 
-@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
-@pytest.mark.parametrize("plan", ["one_sided", "two_sided"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# Every pair of (plan, cost, dtype) values once: each case compiles its own KeOps gradient formulas (~10 s each).
+@pytest.mark.parametrize(
+    "plan, cost, dtype",
+    [
+        ("one_sided", "sqeuclidean", torch.float32),
+        ("two_sided", "euclidean", torch.float32),
+        ("one_sided", "euclidean", torch.float64),
+        ("two_sided", "sqeuclidean", torch.float64),
+    ],
+)
 def test_gradients_match_dense(plan, cost, dtype):
     x, y = clouds(45, 30, 3, dtype, seed=3)
     w = torch.randn(45, 3, dtype=dtype, generator=torch.Generator().manual_seed(9))

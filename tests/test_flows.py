@@ -46,6 +46,13 @@ def test_warm_started_steps_converge_without_extra_iterations(clouds):
     assert res.history["marginal_error"][1] < 1e-4
 
 
+def test_progress_bar_shows_the_running_solve(clouds, capsys):
+    x0, y = clouds
+    run(x0, y, steps=1, progress=True, metric_every=None)
+    err = capsys.readouterr().err
+    assert "flow (sinkhorn)" in err and "solve=cross 1/" in err
+
+
 def test_snapshots_and_history_shapes(clouds):
     x0, y = clouds
     res = run(x0, y, steps=5, snapshot_every=2, max_snapshot_points=50, metric_every=2, metric_points=100)

@@ -264,6 +264,27 @@ def test_stage_list_for_a_known_cloud():
     assert len(stages(cloud, None, geom, Sinkhorn(), top=None)) == 1
 
 
+def test_progress_reports_every_stage_and_iteration_without_changing_the_solve():
+    x, y = pair(3000, 2500)
+    comm = Comm()
+    src, dst = Cloud.split(x, comm), Cloud.split(y, comm)
+    geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), comm)
+    seen = []
+    watched = Sinkhorn(progress=seen.append)
+    assert watched == Sinkhorn() and repr(watched) == repr(Sinkhorn())  # not a setting
+    quiet, loud = sinkhorn(src, dst, geom, Sinkhorn()), sinkhorn(src, dst, geom, watched)
+    assert torch.equal(quiet.f, loud.f) and torch.equal(quiet.g, loud.g)
+    plan = stages(src, dst, geom, Sinkhorn(), top=driftops.costs.max_cost("sqeuclidean", src.box(), dst.box()))
+    starts = [s for s in seen if s.iteration == 0]
+    assert [(s.stage, s.stages, s.points, s.eps) for s in starts] == [(k + 1, len(plan), st.rows.n, st.eps) for k, st in enumerate(plan)]
+    last = [s for s in seen if s.stage == len(plan)]
+    assert [s.iteration for s in last] == list(range(loud.iterations + 1))  # one report per iteration on the points
+    assert math.isinf(last[1].error) and last[-1].error < 0.1 and not any(s.symmetric for s in seen)
+    seen.clear()
+    sinkhorn(src, None, geom, watched)
+    assert seen and all(s.symmetric for s in seen)
+
+
 def test_float32_at_tiny_eps_reports_the_error_reached():
     # eps = 1e-3 in D = 64: float32 potentials resolve marginal errors down to about 3e-5 (their true error, evaluated in
     # float64, is 1e-5 once their own rounding is a fixed point), float64 ones reach 1e-7 (measured).
