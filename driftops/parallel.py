@@ -141,7 +141,9 @@ class Comm:
         t = t.contiguous()
         out = t.new_empty((self.size * t.shape[0],) + tuple(t.shape[1:]))
         self._count(t, self.size - 1)
-        self._wait(dist.all_gather_into_tensor(out, t, group=self.group, async_op=True), "all_gather")
+        # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there).
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self._wait(gather_into(out, t, group=self.group, async_op=True), "all_gather")
         return out
 
     def gather(self, t: torch.Tensor, sizes: tuple[int, ...] | None = None) -> torch.Tensor:

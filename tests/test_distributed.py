@@ -232,6 +232,7 @@ def test_flow_cli_under_torchrun(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("W2^2") == 1  # rank 0 reports, once
+    assert "Warning" not in done.stderr, done.stderr[-2000:]  # no deprecated collectives, no stray warnings
     config = __import__("json").loads((tmp_path / "config.json").read_text())
     assert config["world_size"] == 2
     particles = __import__("numpy").load(tmp_path / "particles.npy")
