@@ -25,7 +25,7 @@ from .divergence import sinkhorn_divergence  # noqa: E402
 from .errors import DivergenceError, DriftopsError  # noqa: E402
 from .flows import FlowResult, flow  # noqa: E402
 from .plans import PLANS  # noqa: E402
-from .sinkhorn import Sinkhorn, SinkhornResult  # noqa: E402
+from .sinkhorn import Sinkhorn, SinkhornResult, SolveStatus  # noqa: E402
 from .threads import set_threads  # noqa: E402
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "DriftInfo",
     "Sinkhorn",
     "SinkhornResult",
+    "SolveStatus",
     "PLANS",
     "DriftopsError",
     "DivergenceError",

@@ -13,7 +13,8 @@ from driftops.backends import KeOpsBackend
 from driftops.errors import DriftopsError
 from driftops.parallel import Cloud, Comm
 from driftops.plans import Geometry
-from driftops.sinkhorn import ACCELERATIONS, Sinkhorn, level, relax, sinkhorn, stages
+from driftops.costs import max_cost
+from driftops.sinkhorn import ACCELERATIONS, Sinkhorn, SolveStatus, level, relax, sinkhorn, stages
 
 import reference
 
@@ -274,7 +275,7 @@ def test_progress_reports_every_stage_and_iteration_without_changing_the_solve()
     assert watched == Sinkhorn() and repr(watched) == repr(Sinkhorn())  # not a setting
     quiet, loud = sinkhorn(src, dst, geom, Sinkhorn()), sinkhorn(src, dst, geom, watched)
     assert torch.equal(quiet.f, loud.f) and torch.equal(quiet.g, loud.g)
-    plan = stages(src, dst, geom, Sinkhorn(), top=driftops.costs.max_cost("sqeuclidean", src.box(), dst.box()))
+    plan = stages(src, dst, geom, Sinkhorn(), top=max_cost("sqeuclidean", src.box(), dst.box()))
     starts = [s for s in seen if s.iteration == 0]
     assert [(s.stage, s.stages, s.points, s.eps) for s in starts] == [(k + 1, len(plan), st.rows.n, st.eps) for k, st in enumerate(plan)]
     last = [s for s in seen if s.stage == len(plan)]
@@ -282,7 +283,8 @@ def test_progress_reports_every_stage_and_iteration_without_changing_the_solve()
     assert math.isinf(last[1].error) and last[-1].error < 0.1 and not any(s.symmetric for s in seen)
     seen.clear()
     sinkhorn(src, None, geom, watched)
-    assert seen and all(s.symmetric for s in seen)
+    assert seen and all(isinstance(s, SolveStatus) and s.symmetric for s in seen)
+    assert driftops.SolveStatus is SolveStatus
 
 
 def test_float32_at_tiny_eps_reports_the_error_reached():
