@@ -79,7 +79,7 @@ class Sinkhorn:
     omega_max: float = 1.95
     window: int = 10
     multiscale: bool = True
-    level_cells: float = 2.0
+    level_cells: float = 4.0
     level_shrink: float = 2.0
     coarse_tol: float = 3.0
     warm_accept: float = 0.05

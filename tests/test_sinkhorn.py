@@ -131,11 +131,12 @@ def test_coarse_solve_at_the_target_temperature_leaves_few_fine_iterations():
     comm = Comm()
     src, dst = Cloud.split(x, comm), Cloud.split(y, comm)
     runs = {}
-    # "auto" solves eps = 0.01 first on 400 grid cells per cloud (and coarser ones); "dense" has no levels and iterates
-    # plainly on the points.
+    # "auto" solves eps = 0.01 first on 1350 occupied cells of side sqrt(eps) / 4 (of 1600) per cloud, and on coarser
+    # ones; "dense" has no levels and iterates plainly on the points.
     for name, accel in (("auto", "adaptive"), ("dense", "none")):
         geom = Geometry(0.01, "sqeuclidean", driftops.backends.get_backend(name), comm)
-        assert level(src, geom, 0.01, Sinkhorn()).full.shape[0] == (400 if name == "auto" else 3000)
+        assert level(src, geom, 0.01, Sinkhorn()).full.shape[0] == (1350 if name == "auto" else 3000)
+        assert level(src, geom, 0.01, Sinkhorn(level_cells=2.0)).full.shape[0] == (400 if name == "auto" else 3000)
         runs[name] = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-3, max_iter=5000, acceleration=accel))
         assert runs[name].converged
     assert runs["auto"].iterations * 5 <= runs["dense"].iterations
@@ -254,7 +255,7 @@ def test_stage_list_for_a_known_cloud():
     comm = Comm()
     cloud = Cloud.split(x, comm)
     geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), comm)
-    plan = stages(cloud, None, geom, Sinkhorn(annealing=0.5), top=1.0)
+    plan = stages(cloud, None, geom, Sinkhorn(annealing=0.5, level_cells=2.0), top=1.0)
     assert [st.eps for st in plan] == pytest.approx([1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625] + [0.01] * 5)
     assert [st.tol for st in plan[:7]] == [None] * 7  # one update per annealing temperature
     assert [st.tol for st in plan[7:]] == pytest.approx([3e-3] * 4 + [1e-3])  # coarse levels to coarse_tol * tol
@@ -263,6 +264,8 @@ def test_stage_list_for_a_known_cloud():
     assert [st.rows.full.shape[0] for st in plan[:2]] == [4, 9]  # annealing temperatures on their own levels
     assert [st.rows.full.shape[0] for st in stages(cloud, None, geom, Sinkhorn(multiscale=False), top=1.0)] == [4096] * 14
     assert len(stages(cloud, None, geom, Sinkhorn(), top=None)) == 1
+    default = stages(cloud, None, geom, Sinkhorn(annealing=0.5), top=1.0)  # cells of side sqrt(eps) / 4 * 2^k
+    assert [st.rows.full.shape[0] for st in default[7:]] == [25, 100, 400, 1600, 4096]
 
 
 def test_progress_reports_every_stage_and_iteration_without_changing_the_solve():
