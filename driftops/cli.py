@@ -92,6 +92,7 @@ def _add_flow(sub) -> None:
     p.add_argument("--max-iter", type=positive_int, default=DEMO["max_iter"], help="Sinkhorn iterations per step at most (a safety net)")
     p.add_argument("--acceleration", choices=ACCELERATIONS, default="adaptive", help="Sinkhorn over-relaxation (see driftops.Sinkhorn)")
     p.add_argument("--snapshot-every", type=positive_int, default=None, help="steps between snapshots (default: about 50 snapshots)")
+    p.add_argument("--metric-every", type=positive_int, default=None, help="steps between W2^2 estimates (default: about 10 of them)")
     p.add_argument("--out", default="runs/flow", help="output folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -148,7 +149,8 @@ def _flow(args: argparse.Namespace, device: str, launch) -> int:
         result = flow(
             x0, y, steps=args.steps, step_size=args.step_size, eps=args.eps, plan=args.plan, cost=args.cost, backend=args.backend,
             solver=Sinkhorn(tol=args.tol, max_iter=args.max_iter, acceleration=args.acceleration),
-            snapshot_every=args.snapshot_every, progress=args.progress, seed=args.seed,
+            snapshot_every=args.snapshot_every, metric_every=args.metric_every or max(1, round(args.steps / 10)),
+            progress=args.progress, seed=args.seed,
             group=group,
         )  # fmt: skip
     wall = time.perf_counter() - start
