@@ -135,6 +135,7 @@ def _flow(args: argparse.Namespace, device: str, launch) -> int:
     if launch is not None:
         x0, y = x0.tensor_split(world)[launch.rank], y.tensor_split(world)[launch.rank]
     writer = launch is None or launch.rank == 0
+    args.metric_every = args.metric_every or max(1, round(args.steps / 10))  # recorded in config.json as used
     out = Path(args.out)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def _flow(args: argparse.Namespace, device: str, launch) -> int:
         result = flow(
             x0, y, steps=args.steps, step_size=args.step_size, eps=args.eps, plan=args.plan, cost=args.cost, backend=args.backend,
             solver=Sinkhorn(tol=args.tol, max_iter=args.max_iter, acceleration=args.acceleration),
-            snapshot_every=args.snapshot_every, metric_every=args.metric_every or max(1, round(args.steps / 10)),
+            snapshot_every=args.snapshot_every, metric_every=args.metric_every,
             progress=args.progress, seed=args.seed,
             group=group,
         )  # fmt: skip

@@ -29,6 +29,7 @@ def test_flow_end_to_end(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 3 and m["wall_time"] > 0 and m["history"]["step"] == [1, 2, 3]
     assert m["history"]["metric_step"] == [0, 1, 2, 3]  # about 10 estimates by default, at most one per step
+    assert config["metric_every"] == 1
     assert 0 < m["final_w2"] < 0.5 * m["initial_w2"]
     for name in ("flow.png", "trails.png", "history.png"):
         assert (out / name).stat().st_size > 5000
