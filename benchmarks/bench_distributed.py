@@ -1,12 +1,12 @@
-"""Sharded drifts on 1, 2 and 3 Gloo processes of this machine, both communication modes.
+"""Sharded drifts on 1 to 4 Gloo processes of this machine, in the three communication modes.
 
-For each process count P, dimension D, size N (= M) and mode ("gather", "ring"): seconds per one-sided drift
+For each process count P, dimension D, size N (= M) and mode ("gather", "ring", "mesh"): seconds per one-sided drift
 (median of --repeat), bytes this rank sent per drift call and per Sinkhorn iteration (counted by driftops' collective
 wrappers, see ``driftops.parallel.Comm.stats``), and peak RSS growth per rank. The ranks divide the machine's cores
 (``divide_cores``). Writes benchmarks/results/bench_distributed.json; the scaling model projecting 8 and 64 GPUs is
 in benchmarks/results/bench_distributed.md.
 
-    python benchmarks/bench_distributed.py            # a few minutes on 2 cores
+    python benchmarks/bench_distributed.py            # about 10 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ def _traffic(call) -> tuple[int, object]:
     return Comm.stats.bytes_sent - before, out
 
 
-def _run(rank: int, world: int, repeat: int, out) -> None:
+def _run(rank: int, world: int, repeat: int, modes: list[str], out) -> None:
     divide_cores(world)
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = []
     for dim, sizes in CASES.items():
         for n in sizes:
-            for mode in ("ring", "gather") if world > 1 else ("single",):
+            for mode in modes if world > 1 else ("single",):
                 group = None if world == 1 else Sharding(dist.group.WORLD, mode)
                 x, y = _clouds(n, dim, rank, world)
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -89,7 +89,8 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--modes", nargs="+", choices=["ring", "gather", "mesh"], default=["ring", "mesh", "gather"], help="run in this order: peak memory is measured as RSS growth, so lighter modes first")
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     rows = []
@@ -97,7 +98,7 @@ def main() -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         with tmp.Manager() as manager:
             out = manager.dict()
-            tmp.spawn(_run, args=(world, args.repeat, out), nprocs=world, join=True)
+            tmp.spawn(_run, args=(world, args.repeat, args.modes, out), nprocs=world, join=True)
             per_rank = [out[r] for r in range(world)]
         for cases in zip(*per_rank):  # one row per case: the slowest rank's time, the largest traffic and memory
             row = dict(cases[0])

@@ -226,12 +226,12 @@ def joint_drift(
     for e in eps_list:
         geom = Geometry(e, cost, be, comm)
         row_off = xs.offset if mask else None
-        r = torch.logaddexp(geom.lse(xs.local, pos, pos.logw, None), geom.lse(xs.local, neg, neg.logw, row_off))
+        r = torch.logaddexp(geom.lse(xs, pos, pos.logw, None), geom.lse(xs, neg, neg.logw, row_off))
         parts = []
         for cloud, off in ((pos, None), (neg, row_off)):
-            c = cloud.gather(geom.lse(cloud.local, xs, None, cloud.offset if off is not None else None))
+            c = cloud.gather(geom.lse(cloud, xs, None, cloud.offset if off is not None else None))
             u = -0.5 * c if cloud.logw is None else cloud.logw - 0.5 * c
-            parts.append((geom.lse(xs.local, cloud, u, off), geom.weighted_mean(xs.local, cloud, u, off)))
+            parts.append((geom.lse(xs, cloud, u, off), geom.weighted_mean(xs, cloud, u, off)))
         (lz_pos, t_pos), (lz_neg, t_neg) = parts
         fields.append((lz_pos + lz_neg - r).exp()[:, None] * (t_pos - t_neg))
     return _agreed_finite(_normalised_sum(fields, comm), comm, "the joint drift")

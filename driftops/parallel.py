@@ -15,8 +15,15 @@ gathered on every rank; the points are reduced in one of two modes
   "sparse" backends) need the whole cloud and are skipped in this mode; gradients do
   not cross ranks in this mode (use ``"gather"`` to differentiate).
 
+* ``"mesh"``: the ranks form an a x b grid (``torch.distributed.device_mesh``); rank (i, j) holds the rows of
+  its mesh row's b slices and, as columns, the slices of its mesh column's a ranks. It reduces that block, and
+  the b partial log-sum-exps (and softmax-weighted means) of a row are merged by an all-reduce of their maximum
+  and then of their rescaled sums over the mesh row. The points never move after the call's start; each
+  reduction sends O(N/a) numbers (O(N·D/a) for a barycentric map) instead of the ring's O(M·D). Memory per
+  rank: O((N/a + M/b)·D) per cloud. Coarse levels and gradients as in ``"ring"``.
+
 ``"auto"`` picks ``"ring"`` when D > ``RING_MIN_DIM`` and the gathered clouds would
-exceed ``ring_min_bytes`` (see :meth:`Sharding.mode_for`).
+exceed ``ring_min_bytes`` (see :meth:`Sharding.mode_for`); ``"mesh"`` is chosen explicitly.
 
 Faults: every public call compares a signature of its arguments across ranks and agrees
 on an ok-flag before any rank raises (:meth:`Comm.checked`), so a bad input on one rank
@@ -40,7 +47,7 @@ import torch
 from .backends.base import Backend, needs_grad
 from .errors import DriftopsError
 
-MODES = ("auto", "gather", "ring")
+MODES = ("auto", "gather", "ring", "mesh")
 # The block-sparse backend and the coarse Sinkhorn levels (D <= 3) need the whole cloud: "auto" never rings there.
 RING_MIN_DIM = 3
 
@@ -52,6 +59,7 @@ class Sharding:
     group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks).
     mode: ``"gather"``, ``"ring"`` or ``"auto"`` (see the module docstring).
     timeout: seconds a rank waits in one collective before raising (a dead peer is reported at once).
+    mesh: ``(a, b)`` grid of the ``"mesh"`` mode, a * b = the number of ranks; None: the most square grid with a <= b.
     ring_min_bytes: in ``"auto"`` mode, rings when D > RING_MIN_DIM and the gathered x and y would take more
     than this many bytes on every rank. Measured on 2 Gloo CPU processes (benchmarks/bench_distributed.py): per
     drift both modes send the same bytes; the ring took 0.97-1.1x the gather's time in D = 128 and 1.5x in D = 2
@@ -63,10 +71,13 @@ class Sharding:
     mode: str = "auto"
     timeout: float = 300.0
     ring_min_bytes: int = 1 << 28
+    mesh: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise DriftopsError(f"unknown sharding mode {self.mode!r}; pass one of {', '.join(map(repr, MODES))}")
+        if self.mesh is not None and not (len(self.mesh) == 2 and all(isinstance(k, int) and k > 0 for k in self.mesh)):
+            raise DriftopsError(f"mesh must be (rows, cols), two positive integers whose product is the number of ranks, got {self.mesh!r}")
         if not self.timeout > 0:
             raise DriftopsError(f"the sharding timeout must be a positive number of seconds, got {self.timeout!r}")
 
@@ -75,6 +86,10 @@ class Sharding:
         if self.mode != "auto":
             return self.mode
         return "ring" if dim > RING_MIN_DIM and points * dim * itemsize > self.ring_min_bytes else "gather"
+
+
+# Device meshes of the "mesh" mode, by shape (building one is a collective: every rank builds the same ones in order).
+_MESHES: dict[tuple[int, int], Any] = {}
 
 
 @dataclass
@@ -111,6 +126,34 @@ class Comm:
     @property
     def ring(self) -> bool:
         return self.mode == "ring" and self.size > 1
+
+    @property
+    def mesh(self) -> bool:
+        return self.mode == "mesh" and self.size > 1
+
+    def mesh_shape(self) -> tuple[int, int]:
+        """(a, b): the sharding's mesh, or the most square a x b = P grid with a <= b."""
+        if self.sharding.mesh is not None:
+            a, b = self.sharding.mesh
+            if a * b != self.size:
+                raise DriftopsError(f"mesh={self.sharding.mesh} has {a * b} cells for {self.size} ranks; pass (a, b) with a * b = {self.size}")
+            return a, b
+        a = max(k for k in range(1, math.isqrt(self.size) + 1) if self.size % k == 0)
+        return a, self.size // a
+
+    def mesh_comms(self) -> tuple["Comm", "Comm"]:
+        """(row, column) sub-communicators of this rank in the ``mesh_shape()`` grid, rank r at (r // b, r % b): the row's
+        b ranks share its rows, the column's a ranks its columns. The grid is built once per shape (a collective)."""
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self.size != dist.get_world_size():
+            raise DriftopsError("the mesh mode needs the default (world) process group; pass group=Sharding(torch.distributed.group.WORLD, 'mesh')")
+        shape = self.mesh_shape()
+        if shape not in _MESHES:
+            _MESHES[shape] = init_device_mesh(self.device.type, shape)
+        grid = _MESHES[shape]
+        return tuple(Comm(Sharding(grid.get_group(dim), "gather", self.sharding.timeout)) for dim in (1, 0))
 
     def _wait(self, work, what: str) -> None:
         try:
@@ -266,13 +309,62 @@ class Check:
     total: int = 0
 
 
+@dataclass(frozen=True)
+class MeshPart:
+    """What a rank of the "mesh" mode holds of a cloud.
+
+    rows: (n_i, D) the slices of its mesh row's ranks, whole-cloud rows ``[row_offset, row_offset + n_i)``;
+    cols: (m_j, D) the slices of its mesh column's ranks, made of the whole-cloud runs ``col_runs`` = ((start,
+    size), ...) in order; col_index: (m_j,) int64 whole-cloud index of each row of ``cols``.
+    """
+
+    rows: torch.Tensor
+    row_offset: int
+    cols: torch.Tensor
+    col_runs: tuple[tuple[int, int], ...]
+    col_index: torch.Tensor
+
+    @classmethod
+    def of(cls, local: torch.Tensor, comm: Comm, sizes: tuple[int, ...]) -> "MeshPart":
+        """Gather this rank's part over its mesh row and column (two sub-group gathers)."""
+        row_comm, col_comm = comm.mesh_comms()
+        b = comm.mesh_shape()[1]
+        i, j = divmod(comm.rank, b)
+        starts = [sum(sizes[:r]) for r in range(len(sizes))]
+        row_ranks, col_ranks = range(i * b, (i + 1) * b), range(j, len(sizes), b)
+        runs = tuple((starts[r], sizes[r]) for r in col_ranks)
+        index = torch.cat([torch.arange(s, s + k, device=local.device) for s, k in runs])
+        rows = row_comm.gather(local, tuple(sizes[r] for r in row_ranks))
+        return cls(rows, starts[i * b], col_comm.gather(local, tuple(k for _, k in runs)), runs, index)
+
+    def row_runs(self, shift: int | None) -> list[tuple[int, int, int | None]]:
+        """``(start, stop, self_offset)`` runs covering ``rows``: the rows whose own point (whole-cloud column ``row +
+        shift``; ``shift=None``: no mask) lies in ``cols`` get the self offset of ``rows[start:stop]`` within ``cols``."""
+        n, o = self.rows.shape[0], self.row_offset
+        if shift is None:
+            return [(0, n, None)]
+        masked, position = [], 0
+        for start, size in self.col_runs:
+            lo, hi = max(o, start - shift), min(o + n, start + size - shift)
+            if lo < hi:
+                masked.append((lo - o, hi - o, position + shift - start + lo))
+            position += size
+        out, row = [], 0
+        for lo, hi, off in masked:
+            out += [(row, lo, None)] if row < lo else []
+            out.append((lo, hi, off))
+            row = hi
+        return out + ([(row, n, None)] if row < n else [])
+
+
 @dataclass
 class Cloud:
     """A point cloud split over ranks.
 
     local: (n, D) rows owned by this rank; full: (N, D) all rows ("gather" mode, or a cloud held whole by every
-    rank) or None ("ring" mode); offset: index of ``local[0]`` in the whole cloud; logw: (N,) log multiplicities
-    of the whole cloud or None for unit weights; sizes: every rank's row count (None: ``(N,)``, held whole).
+    rank) or None ("ring" and "mesh" modes); offset: index of ``local[0]`` in the whole cloud; logw: (N,) log
+    multiplicities of the whole cloud or None for unit weights; sizes: every rank's row count (None: ``(N,)``,
+    held whole); mesh: this rank's :class:`MeshPart` in "mesh" mode.
     """
 
     local: torch.Tensor
@@ -281,16 +373,18 @@ class Cloud:
     logw: torch.Tensor | None = None
     sizes: tuple[int, ...] | None = None
     comm: Comm | None = field(default=None, repr=False)
+    mesh: MeshPart | None = field(default=None, repr=False)
 
     @classmethod
     def split(cls, local: torch.Tensor, comm: Comm, logw_local: torch.Tensor | None = None) -> "Cloud":
-        """Wrap this rank's slice (one size exchange; the points are gathered only in "gather" mode)."""
+        """Wrap this rank's slice (one size exchange; the points are gathered whole only in "gather" mode)."""
         if comm.group is None:
             return cls(local, local, 0, logw_local)
         sizes = comm.sizes(local.shape[0], local.device)
-        full = None if comm.ring else comm.gather(local, sizes)
+        full = None if comm.ring or comm.mesh else comm.gather(local, sizes)
         logw = None if logw_local is None else comm.gather(logw_local, sizes)
-        return cls(local, full, sum(sizes[: comm.rank]), logw, sizes, comm)
+        mesh = MeshPart.of(local, comm, sizes) if comm.mesh else None
+        return cls(local, full, sum(sizes[: comm.rank]), logw, sizes, comm, mesh)
 
     @property
     def n(self) -> int:
@@ -376,36 +470,58 @@ class Geometry:
     backend: Backend
     comm: Comm
 
-    def lse(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None, eps: float | None = None) -> torch.Tensor:
-        """(n,) ``LSE_j(logw_j - c(rows_i, cols_j)/eps)`` over the whole column cloud; ``logw``: (N,) or None."""
+    def lse(self, rows: Cloud, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None, eps: float | None = None) -> torch.Tensor:
+        """(n,) ``LSE_j(logw_j - c(rows_i, cols_j)/eps)`` for this rank's rows over the whole column cloud; ``logw``:
+        (N,) or None; ``self_offset``: the whole-cloud column of ``rows.local[0]``'s own point (masked), or None."""
         e = eps or self.eps
         if cols.full is not None:
-            return self.backend.lse(rows, cols.full, e, self.cost, logw, self_offset)
-        return self._ring(rows, cols, logw, self_offset, lambda y, w, off: (self.backend.lse(rows, y, e, self.cost, w, off), None))[0]
+            return self.backend.lse(rows.local, cols.full, e, self.cost, logw, self_offset)
+        return self._split(rows, cols, logw, self_offset, lambda x, y, w, off: (self.backend.lse(x, y, e, self.cost, w, off), None))[0]
 
-    def weighted_mean(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None) -> torch.Tensor:
-        """(n, D) softmax-weighted mean of the whole column cloud's points."""
+    def weighted_mean(self, rows: Cloud, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None) -> torch.Tensor:
+        """(n, D) softmax-weighted mean of the whole column cloud's points for this rank's rows."""
         if cols.full is not None:
-            return self.backend.weighted_mean(rows, cols.full, self.eps, self.cost, cols.full, logw, self_offset)
+            return self.backend.weighted_mean(rows.local, cols.full, self.eps, self.cost, cols.full, logw, self_offset)
 
-        def block(y: torch.Tensor, w: torch.Tensor | None, off: int | None):
+        def block(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, off: int | None):
             if off is None:
-                return self.backend.reduce_lse_mean(rows, y, self.eps, self.cost, y, w)
-            return self.backend.lse(rows, y, self.eps, self.cost, w, off), self.backend.weighted_mean(rows, y, self.eps, self.cost, y, w, off)
+                return self.backend.reduce_lse_mean(x, y, self.eps, self.cost, y, w)
+            return self.backend.lse(x, y, self.eps, self.cost, w, off), self.backend.weighted_mean(x, y, self.eps, self.cost, y, w, off)
 
-        return self._ring(rows, cols, logw, self_offset, block)[1]
+        return self._split(rows, cols, logw, self_offset, block)[1]
 
-    def _ring(self, rows: torch.Tensor, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None, reduce: Callable):
-        """Merged ``reduce(block, block_logw, block_self_offset) -> (lse, mean or None)`` over the circulating blocks."""
-        if needs_grad(rows, logw):
-            raise DriftopsError("gradients do not cross ranks in the ring mode; pass group=Sharding(group, mode='gather') to differentiate")
-        acc = None
-        for y, start in cols.blocks():
-            w = None if logw is None else logw[start : start + y.shape[0]]
-            # The self mask removes j == i + self_offset, which lies in this block only if it is the rows' own slice.
-            off = self_offset - start if self_offset is not None and start <= self_offset < start + y.shape[0] else None
-            acc = merge_lse_mean(acc, *reduce(y, w, off))
-        return acc
+    def _split(self, rows: Cloud, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None, reduce: Callable):
+        """``reduce(points, block, block_logw, block_self_offset) -> (lse, mean or None)`` over a column cloud that no
+        rank holds whole, merged: over the circulating blocks ("ring") or over the mesh row ("mesh")."""
+        if needs_grad(rows.local, logw):
+            raise DriftopsError(f"gradients do not cross ranks in the {self.comm.mode} mode; pass group=Sharding(group, mode='gather') to differentiate")
+        if cols.mesh is None:
+            acc = None
+            for y, start in cols.blocks():
+                w = None if logw is None else logw[start : start + y.shape[0]]
+                # The self mask removes j == i + self_offset, which lies in this block only if it is the rows' own slice.
+                off = self_offset - start if self_offset is not None and start <= self_offset < start + y.shape[0] else None
+                acc = merge_lse_mean(acc, *reduce(rows.local, y, w, off))
+            return acc
+        part = rows.mesh
+        w = None if logw is None else logw[cols.mesh.col_index]
+        shift = None if self_offset is None else self_offset - rows.offset
+        pieces = [reduce(part.rows[a:b], cols.mesh.cols, w, off) for a, b, off in part.row_runs(shift)]
+        lse = torch.cat([p[0] for p in pieces])
+        mean = None if pieces[0][1] is None else torch.cat([p[1] for p in pieces])
+        lse, mean = _merge_over(self.comm.mesh_comms()[0], lse, mean)
+        mine = slice(rows.offset - part.row_offset, rows.offset - part.row_offset + rows.local.shape[0])
+        return lse[mine], None if mean is None else mean[mine]
+
+
+def _merge_over(comm: Comm, lse: torch.Tensor, mean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row log-sum-exps (n,) and softmax-weighted means (n, E) (or None) of column parts held by the ranks of ``comm``,
+    merged into those over all the columns: an all-reduce of the maxima, then one of the rescaled sums."""
+    top = comm.all_reduce(lse, "max")
+    scale = torch.where(torch.isfinite(lse), (lse - top).exp(), torch.zeros_like(lse))[:, None]
+    parts = scale if mean is None else torch.cat([scale, torch.where(scale > 0, mean * scale, torch.zeros_like(mean))], 1)
+    total = comm.all_reduce(parts, "sum")
+    return top + total[:, 0].log(), None if mean is None else total[:, 1:] / total[:, :1]
 
 
 def divide_cores(local_ranks: int) -> int:

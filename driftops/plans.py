@@ -43,11 +43,11 @@ def column_logweights(
     if plan == "one_sided":
         return dst.logw
     if plan == "two_sided":
-        c = dst.gather(geom.lse(dst.local, src, src.logw, dst.offset if mask_self else None))
+        c = dst.gather(geom.lse(dst, src, src.logw, dst.offset if mask_self else None))
         return -0.5 * c if dst.logw is None else dst.logw - 0.5 * c
     return dst.log_marginal() + potentials.g / geom.eps
 
 
 def barycentric(src: Cloud, dst: Cloud, geom: Geometry, logw: torch.Tensor | None, mask_self: bool) -> torch.Tensor:
     """(n, D) barycentric map ``T(x_i) = sum_j P_ij y_j`` of the local source rows."""
-    return geom.weighted_mean(src.local, dst, logw, src.offset if mask_self else None)
+    return geom.weighted_mean(src, dst, logw, src.offset if mask_self else None)

@@ -172,9 +172,10 @@ class Stage:
 
 def level(cloud: Cloud, geom: Geometry, eps: float, solver: Sinkhorn, scale: float = 1.0) -> Cloud:
     """``cloud`` seen through grid cells of side ``scale * (kernel width at eps) / level_cells``: the (K, D) mass-weighted
-    centroids of its non-empty cells with their masses as weights, held whole by every rank; the cloud itself when the
-    cells would not shrink it ``level_shrink`` times, in D > 3, with backends without coarse levels, or in ring mode
-    (no ``cloud.full``)."""
+    centroids of its non-empty cells with their masses as weights. Every rank of a sharded cloud builds the same
+    centroids and owns an equal share of them as its rows (its updates of a coarse potential are gathered like the
+    points' ones). The cloud itself when the cells would not shrink it ``level_shrink`` times, in D > 3, with backends
+    without coarse levels, or in ring and mesh modes (no ``cloud.full``)."""
     pts = cloud.full
     if pts is None or not solver.multiscale or not isinstance(geom.backend, (AutoBackend, SparseBackend)) or pts.shape[1] > SPARSE_MAX_DIM:
         return cloud
@@ -187,7 +188,11 @@ def level(cloud: Cloud, geom: Geometry, eps: float, solver: Sinkhorn, scale: flo
     mass = torch.zeros(k, dtype=pts.dtype, device=pts.device).index_add_(0, labels, weights)
     centroids = torch.zeros(k, pts.shape[1], dtype=pts.dtype, device=pts.device).index_add_(0, labels, pts * weights[:, None])
     centroids = centroids / mass.clamp_min(torch.finfo(pts.dtype).tiny)[:, None]
-    return Cloud(centroids, centroids, 0, mass.log())
+    if cloud.comm is None or cloud.comm.size == 1:
+        return Cloud(centroids, centroids, 0, mass.log())
+    sizes = tuple(len(share) for share in torch.arange(k).tensor_split(cloud.comm.size))
+    offset = sum(sizes[: cloud.comm.rank])
+    return Cloud(centroids[offset : offset + sizes[cloud.comm.rank]], centroids, offset, mass.log(), sizes, cloud.comm)
 
 
 def _levels(cloud: Cloud, geom: Geometry, eps: float, solver: Sinkhorn) -> list[Cloud]:
@@ -230,7 +235,7 @@ def stages(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, top:
 
 def _update(geom: Geometry, rows: Cloud, cols: Cloud, pot_cols: torch.Tensor, eps: float) -> torch.Tensor:
     """(N_rows,) the potential on ``rows`` that makes the row marginals exact for ``pot_cols`` on ``cols`` (gathered)."""
-    local = -eps * geom.lse(rows.local, cols, cols.log_marginal() + pot_cols / eps, None, eps)
+    local = -eps * geom.lse(rows, cols, cols.log_marginal() + pot_cols / eps, None, eps)
     return rows.gather(local)
 
 

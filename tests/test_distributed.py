@@ -82,6 +82,7 @@ class RecordingBackend(DenseBackend):
 
 
 X_SIZES, Y_SIZES = (10, 23, 17), (20, 5, 16)  # uneven, and N = 50, M = 41 not divisible by 3
+SIZES_4 = {"x": (10, 13, 17, 10), "y": (20, 5, 9, 7), "pos": (7, 6, 4, 3), "neg": (5, 2, 10, 4)}  # a 2 x 2 mesh
 
 
 def _data():
@@ -97,11 +98,11 @@ EPS = 0.3
 POS_SIZES, NEG_SIZES = (7, 6, 7), (5, 2, 14)  # the joint case with explicit negatives: y[:20] positives, y[20:] negatives
 
 
-def _cases(x, y, wx, wy, pos, neg, group) -> dict:
+def _cases(x, y, wx, wy, pos, neg, group, modes=("gather", "ring", "mesh")) -> dict:
     """name -> result of each call on x, y (weights wx, wy; joint positives pos, negatives neg); ``group``: None
-    (one process) or the group every rank passes its slices to."""
+    (one process) or the group every rank passes its slices to, in each sharding mode of ``modes``."""
     out = {}
-    for mode in ("gather", "ring"):
+    for mode in modes:
         g = None if group is None else Sharding(group, mode)
         for plan in ("one_sided", "two_sided", "sinkhorn"):
             out[f"{plan}-{mode}"] = driftops.drift(x, y, EPS, plan=plan, backend="dense", group=g, **SINK)
@@ -113,9 +114,9 @@ def _cases(x, y, wx, wy, pos, neg, group) -> dict:
         out[f"barycentric-{mode}"] = driftops.barycentric_map(x, y, EPS, plan="sinkhorn", backend="dense", group=g, y_weights=wy, **SINK)
         out[f"joint-{mode}"] = driftops.joint_drift(x, y, eps=[0.1, 0.3], backend="dense", group=g, pos_weights=wy)
         out[f"joint-neg-{mode}"] = driftops.joint_drift(x, pos, neg, eps=0.2, backend="dense", group=g)
-    # Coarse Sinkhorn levels (annealing temperatures on grid-cell centroids): backends "sparse" and "auto", gather mode.
-    g = None if group is None else Sharding(group, "gather")
-    out["sparse-coarse"] = driftops.drift(x, y, EPS, backend="sparse", group=g, x_weights=wx, **SINK)
+    if "gather" in modes:  # Coarse Sinkhorn levels (annealing temperatures on grid-cell centroids): "sparse" and "auto" backends.
+        g = None if group is None else Sharding(group, "gather")
+        out["sparse-coarse"] = driftops.drift(x, y, EPS, backend="sparse", group=g, x_weights=wx, **SINK)
     return out
 
 
@@ -136,16 +137,40 @@ def _sharded_cases(rank, world, out, x, y, wx, wy):
         out[f"{k}/{rank}"] = v
 
 
-def test_sharded_calls_match_one_process_in_both_modes():
+def _assert_sharded_equal(reference: dict, out: dict, world: int) -> None:
+    for name, expected in reference.items():
+        got = torch.cat([out[f"{name}/{r}"] for r in range(world)])
+        assert torch.allclose(got, expected, atol=1e-9, rtol=1e-7), (name, float((got - expected).abs().max()))
+
+
+def test_sharded_calls_match_one_process_in_every_mode():
     x, y, wx, wy = _data()
     reference = _cases(x, y, wx, wy, y[:20], y[20:], None)
     out = _spawn(3, _sharded_cases, x, y, wx, wy)
-    for name, expected in reference.items():
-        got = torch.cat([out[f"{name}/{r}"] for r in range(3)])
-        assert torch.allclose(got, expected, atol=1e-9, rtol=1e-7), (name, float((got - expected).abs().max()))
+    _assert_sharded_equal(reference, out, 3)  # the mesh of 3 ranks is 1 x 3: rows whole, columns split
     for r in range(3):
         assert out[f"ring-largest-block/{r}"] == max(max(X_SIZES), max(Y_SIZES))
         assert out[f"ring-gathered-dims/{r}"] == [1]  # only potentials and per-point vectors are gathered
+
+
+def _mesh_cases(rank, world, out, x, y, wx, wy):
+    part = {k: v.split(SIZES_4[k])[rank] for k, v in (("x", x), ("y", y), ("pos", y[:20]), ("neg", y[20:]))}
+    results = _cases(part["x"], part["y"], wx.split(SIZES_4["x"])[rank], wy.split(SIZES_4["y"])[rank], part["pos"], part["neg"], dist.group.WORLD, ("mesh",))
+    RecordingBackend.largest = 0
+    driftops.drift(part["x"], part["y"], EPS, backend=RecordingBackend(), group=Sharding(dist.group.WORLD, "mesh"), **SINK)
+    results["mesh-largest-block"] = RecordingBackend.largest
+    for k, v in results.items():
+        out[f"{k}/{rank}"] = v
+
+
+def test_two_by_two_mesh_matches_one_process():
+    x, y, wx, wy = _data()
+    reference = _cases(x, y, wx, wy, y[:20], y[20:], None, ("mesh",))
+    out = _spawn(4, _mesh_cases, x, y, wx, wy)
+    _assert_sharded_equal(reference, out, 4)
+    # Rank r = (r // 2, r % 2) reduces against its mesh column's slices (ranks r % 2 and r % 2 + 2), never a whole
+    # cloud: column 0 holds 20 + 9 of y's 41 points and 10 + 17 of x's 50 (the self problem), column 1 5 + 7 and 13 + 10.
+    assert [out[f"mesh-largest-block/{r}"] for r in range(4)] == [29, 23, 29, 23]
 
 
 def _fault_cases(rank, world, out):
@@ -157,6 +182,7 @@ def _fault_cases(rank, world, out):
         ("nan", lambda: driftops.drift(x, y, 0.1, backend="dense", group=g)),
         ("eps", lambda: driftops.drift(x.nan_to_num(), y, 0.1 * (rank + 1), backend="dense", group=g)),
         ("plan", lambda: driftops.barycentric_map(x.nan_to_num(), y, plan=("one_sided", "two_sided")[rank], backend="dense", group=g)),
+        ("mesh", lambda: driftops.drift(x.nan_to_num(), y, 0.1, backend="dense", group=Sharding(dist.group.WORLD, "mesh", mesh=(2, 2)))),
     ):
         try:
             call()
@@ -186,6 +212,7 @@ def test_faults_raise_the_same_error_on_every_rank():
     assert out["nan/0"] == out["nan/1"] and "rank 1 of 2" in out["nan/0"] and "NaN" in out["nan/0"]
     assert out["eps/0"] == out["eps/1"] and "eps: rank 0 [0.1], rank 1 [0.2]" in out["eps/0"]
     assert out["plan/0"] == out["plan/1"] and "plan" in out["plan/0"]
+    assert out["mesh/0"] == out["mesh/1"] and "mesh=(2, 2) has 4 cells for 2 ranks" in out["mesh/0"]
     assert out["stopped/0"] == out["stopped/1"] == 3
     assert "another rank exited" in out["dead"] and out["dead-seconds"] < 15
 

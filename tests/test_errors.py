@@ -89,3 +89,14 @@ def test_isolated_point_self_mask_is_exact():
     v = driftops.drift(x, y, 1e-3, plan="one_sided", backend="keops")
     # Self term of point 0 is its nearest other point (10.5, 0) is farther than (10, 0): T_xx(x_0) = (10, 0).
     assert torch.allclose(v[0], torch.tensor([-10.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [(dict(mode="grid"), "unknown sharding mode"), (dict(timeout=0.0), "positive number of seconds"), (dict(mesh=(2,)), "mesh must be"), (dict(mesh=(0, 2)), "mesh must be")],
+)
+def test_bad_sharding_settings_raise(kwargs, message):
+    from driftops.parallel import Sharding
+
+    with pytest.raises(DriftopsError, match=message):
+        Sharding(None, **kwargs)
