@@ -70,7 +70,7 @@ def _setup(x, y, eps, cost, backend, group, x_weights=None, y_weights=None, plan
             weights=(x_logw is not None, y_logw is not None),
         )  # fmt: skip
         check.points = x.shape[0] + y.shape[0]
-    comm.mode = comm.sharding.mode_for(x.shape[1], check.total, x.element_size())
+    comm.mode = comm.sharding.mode_for(x.shape[1], check.total, x.element_size(), comm.size, comm.world)
     src = Cloud.split(x, comm, x_logw)
     dst = Cloud.split(y, comm, y_logw)
     return eps_list, comm, src, dst, be, sol

@@ -23,7 +23,7 @@ gathered on every rank; the points are reduced in one of two modes
   rank: O((N/a + M/b)·D) per cloud. Coarse levels and gradients as in ``"ring"``.
 
 ``"auto"`` picks ``"ring"`` when D > ``RING_MIN_DIM`` and the gathered clouds would
-exceed ``ring_min_bytes`` (see :meth:`Sharding.mode_for`); ``"mesh"`` is chosen explicitly.
+exceed ``ring_min_bytes``, unless the mesh's share of them fits (see :meth:`Sharding.mode_for`).
 
 Faults: every public call compares a signature of its arguments across ranks and agrees
 on an ok-flag before any rank raises (:meth:`Comm.checked`), so a bad input on one rank
@@ -57,14 +57,15 @@ class Sharding:
     """How a call is spread over a process group; pass it as ``group=`` (a bare process group means the defaults).
 
     group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks).
-    mode: ``"gather"``, ``"ring"`` or ``"auto"`` (see the module docstring).
+    mode: ``"gather"``, ``"ring"``, ``"mesh"`` or ``"auto"`` (see the module docstring).
     timeout: seconds a rank waits in one collective before raising (a dead peer is reported at once).
     mesh: ``(a, b)`` grid of the ``"mesh"`` mode, a * b = the number of ranks; None: the most square grid with a <= b.
-    ring_min_bytes: in ``"auto"`` mode, rings when D > RING_MIN_DIM and the gathered x and y would take more
-    than this many bytes on every rank. Measured on 2 Gloo CPU processes (benchmarks/bench_distributed.py): per
-    drift both modes send the same bytes; the ring took 0.97-1.1x the gather's time in D = 128 and 1.5x in D = 2
-    (small blocks), and sends the points once per Sinkhorn update instead of a potential (130x the bytes per
-    iteration at D = 128). So gather wins whenever the whole cloud fits; the ring is for clouds that do not.
+    ring_min_bytes: in ``"auto"`` mode, the points (in bytes) a rank may hold: the whole clouds ("gather") when they
+    fit, else the mesh's rows and columns when they fit, else only its slice ("ring"); see :meth:`mode_for`.
+    Measured on 2-4 Gloo CPU processes (benchmarks/bench_distributed.py): the three modes take about the same time
+    per drift in D = 128 (the ring 1.2-1.7x the gather in D = 2, where its blocks are small), and per Sinkhorn update
+    the ring sends the points where the gather and the mesh send potentials (130x fewer bytes at D = 128). So the
+    mode that moves the fewest points within the memory allowed wins.
     """
 
     group: Any = None
@@ -81,11 +82,29 @@ class Sharding:
         if not self.timeout > 0:
             raise DriftopsError(f"the sharding timeout must be a positive number of seconds, got {self.timeout!r}")
 
-    def mode_for(self, dim: int, points: int, itemsize: int) -> str:
-        """``"gather"`` or ``"ring"`` for ``points`` (global N + M) points of dimension ``dim``."""
+    def mode_for(self, dim: int, points: int, itemsize: int, ranks: int = 1, world: bool = True) -> str:
+        """The mode for ``points`` (global N + M) points of dimension ``dim`` over ``ranks`` ranks (``world``: the group
+        is the world group, which the mesh needs). ``"auto"``: ``"gather"`` when D <= RING_MIN_DIM or the whole
+        clouds fit in ``ring_min_bytes`` per rank; else ``"mesh"`` when its rows and columns, (N + M)·D·(1/a + 1/b)
+        values, fit (a, b >= 3: nine ranks or more); else ``"ring"``."""
         if self.mode != "auto":
             return self.mode
-        return "ring" if dim > RING_MIN_DIM and points * dim * itemsize > self.ring_min_bytes else "gather"
+        whole = points * dim * itemsize
+        if dim <= RING_MIN_DIM or whole <= self.ring_min_bytes:
+            return "gather"
+        a, b = mesh_shape(ranks, self.mesh)
+        return "mesh" if world and whole * (1 / a + 1 / b) <= self.ring_min_bytes else "ring"
+
+
+def mesh_shape(ranks: int, mesh: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(a, b): ``mesh`` (checked against ``ranks``), or the most square a x b = ranks grid with a <= b."""
+    if mesh is not None:
+        a, b = mesh
+        if a * b != ranks:
+            raise DriftopsError(f"mesh={mesh} has {a * b} cells for {ranks} ranks; pass (a, b) with a * b = {ranks}")
+        return a, b
+    a = max(k for k in range(1, math.isqrt(ranks) + 1) if ranks % k == 0)
+    return a, ranks // a
 
 
 # Device meshes of the "mesh" mode, by shape (building one is a collective: every rank builds the same ones in order).
@@ -131,15 +150,16 @@ class Comm:
     def mesh(self) -> bool:
         return self.mode == "mesh" and self.size > 1
 
+    @property
+    def world(self) -> bool:
+        """Whether the group spans every process (the mesh mode builds its grid over all of them)."""
+        import torch.distributed as dist
+
+        return self.group is None or self.size == dist.get_world_size()
+
     def mesh_shape(self) -> tuple[int, int]:
-        """(a, b): the sharding's mesh, or the most square a x b = P grid with a <= b."""
-        if self.sharding.mesh is not None:
-            a, b = self.sharding.mesh
-            if a * b != self.size:
-                raise DriftopsError(f"mesh={self.sharding.mesh} has {a * b} cells for {self.size} ranks; pass (a, b) with a * b = {self.size}")
-            return a, b
-        a = max(k for k in range(1, math.isqrt(self.size) + 1) if self.size % k == 0)
-        return a, self.size // a
+        """(a, b): the grid of this group's ranks in "mesh" mode (see :func:`mesh_shape`)."""
+        return mesh_shape(self.size, self.sharding.mesh)
 
     def mesh_comms(self) -> tuple["Comm", "Comm"]:
         """(row, column) sub-communicators of this rank in the ``mesh_shape()`` grid, rank r at (r // b, r % b): the row's
@@ -147,7 +167,7 @@ class Comm:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        if self.size != dist.get_world_size():
+        if not self.world:
             raise DriftopsError("the mesh mode needs the default (world) process group; pass group=Sharding(torch.distributed.group.WORLD, 'mesh')")
         shape = self.mesh_shape()
         if shape not in _MESHES:

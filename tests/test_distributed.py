@@ -173,6 +173,20 @@ def test_two_by_two_mesh_matches_one_process():
     assert [out[f"mesh-largest-block/{r}"] for r in range(4)] == [29, 23, 29, 23]
 
 
+def test_auto_mode_gathers_what_fits_else_meshes_else_rings():
+    s = Sharding(None, ring_min_bytes=1000)
+    assert s.mode_for(2, 10**6, 4, 16) == "gather"  # D <= 3: the block-sparse path and coarse levels need whole clouds
+    assert s.mode_for(128, 1, 4, 16) == "gather"  # 512 bytes fit
+    assert s.mode_for(128, 3, 4, 16) == "mesh"  # 1536 bytes do not; a 4 x 4 mesh holds half of them
+    assert s.mode_for(128, 3, 4, 16, world=False) == "ring"  # the mesh needs the world group
+    assert s.mode_for(128, 3, 4, 4) == "ring"  # a 2 x 2 mesh holds as much as the gather
+    assert s.mode_for(128, 4, 4, 16) == "ring"  # half of 2048 bytes does not fit
+    assert Sharding(None, "mesh").mode_for(2, 10, 4, 3) == "mesh"
+    assert Sharding(None, ring_min_bytes=1000, mesh=(2, 3)).mode_for(128, 2, 4, 6) == "mesh"  # 1024 * (1/2 + 1/3) fits
+    with pytest.raises(driftops.DriftopsError, match="has 6 cells for 4 ranks"):
+        Sharding(None, ring_min_bytes=1000, mesh=(2, 3)).mode_for(128, 3, 4, 4)
+
+
 def _fault_cases(rank, world, out):
     x, y = sample_toy("moons", 40, seed=rank), sample_toy("checkerboard", 30, seed=rank)
     g = Sharding(dist.group.WORLD, "gather", timeout=20.0)
