@@ -86,7 +86,7 @@ class Sharding:
         """The mode for ``points`` (global N + M) points of dimension ``dim`` over ``ranks`` ranks (``world``: the group
         is the world group, which the mesh needs). ``"auto"``: ``"gather"`` when D <= RING_MIN_DIM or the whole
         clouds fit in ``ring_min_bytes`` per rank; else ``"mesh"`` when its rows and columns, (N + M)·D·(1/a + 1/b)
-        values, fit (a, b >= 3: nine ranks or more); else ``"ring"``."""
+        values, fit (less than the whole clouds from a 2 x 3 grid on); else ``"ring"``."""
         if self.mode != "auto":
             return self.mode
         whole = points * dim * itemsize
@@ -107,8 +107,9 @@ def mesh_shape(ranks: int, mesh: tuple[int, int] | None = None) -> tuple[int, in
     return a, ranks // a
 
 
-# Device meshes of the "mesh" mode, by shape (building one is a collective: every rank builds the same ones in order).
-_MESHES: dict[tuple[int, int], Any] = {}
+# Device meshes of the "mesh" mode, by shape and world group (building one is a collective: every rank builds the same
+# ones in the same order).
+_MESHES: dict[tuple[tuple[int, int], int], Any] = {}
 
 
 @dataclass
@@ -169,10 +170,10 @@ class Comm:
 
         if not self.world:
             raise DriftopsError("the mesh mode needs the default (world) process group; pass group=Sharding(torch.distributed.group.WORLD, 'mesh')")
-        shape = self.mesh_shape()
-        if shape not in _MESHES:
-            _MESHES[shape] = init_device_mesh(self.device.type, shape)
-        grid = _MESHES[shape]
+        key = (self.mesh_shape(), id(dist.group.WORLD))  # a new world group (after a re-initialisation) builds anew
+        if key not in _MESHES:
+            _MESHES[key] = init_device_mesh(self.device.type, key[0])
+        grid = _MESHES[key]
         return tuple(Comm(Sharding(grid.get_group(dim), "gather", self.sharding.timeout)) for dim in (1, 0))
 
     def _wait(self, work, what: str) -> None:
