@@ -307,9 +307,8 @@ def _runs(ranges_j: torch.Tensor, blocks: Blocks) -> tuple[torch.Tensor, torch.T
     i, j = blocks.i, blocks.j
     new = torch.ones_like(i, dtype=torch.bool)
     new[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1] + 1)
-    last = torch.ones_like(new)
-    last[:-1] = new[1:]
-    starts, ends = new.nonzero()[:, 0], last.nonzero()[:, 0]
+    starts = new.nonzero()[:, 0]  # the one host sync here: each run ends where the next one starts
+    ends = torch.cat([starts[1:], starts.new_tensor([i.numel()])]) - 1
     redranges_j = torch.stack([ranges_j[j[starts], 0], ranges_j[j[ends], 1]], 1)
     slices_i = torch.bincount(i[starts], minlength=blocks.shape[0]).cumsum(0)
     return slices_i, redranges_j
