@@ -68,7 +68,8 @@ class Problem:
 
     def errors(self, logp: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         """(largest L1 marginal error of the two sides, row sums, column sums) of a plan's logarithm."""
-        r, c = logp.exp().sum(1), logp.exp().sum(0)
+        p = logp.exp()
+        r, c = p.sum(1), p.sum(0)
         a, b = math.exp(self.loga), math.exp(self.logb)
         return max(float((r - a).abs().sum()), float((c - b).abs().sum())), r, c
 

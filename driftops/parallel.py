@@ -336,7 +336,8 @@ class MeshPart:
 
     rows: (n_i, D) the slices of its mesh row's ranks, whole-cloud rows ``[row_offset, row_offset + n_i)``;
     cols: (m_j, D) the slices of its mesh column's ranks, made of the whole-cloud runs ``col_runs`` = ((start,
-    size), ...) in order; col_index: (m_j,) int64 whole-cloud index of each row of ``cols``.
+    size), ...) in order; col_index: (m_j,) int64 whole-cloud index of each row of ``cols``; row_comm: the ranks of
+    its mesh row, over which partial reductions of ``rows`` are merged.
     """
 
     rows: torch.Tensor
@@ -344,6 +345,7 @@ class MeshPart:
     cols: torch.Tensor
     col_runs: tuple[tuple[int, int], ...]
     col_index: torch.Tensor
+    row_comm: Comm = field(repr=False)
 
     @classmethod
     def of(cls, local: torch.Tensor, comm: Comm, sizes: tuple[int, ...]) -> "MeshPart":
@@ -356,7 +358,7 @@ class MeshPart:
         runs = tuple((starts[r], sizes[r]) for r in col_ranks)
         index = torch.cat([torch.arange(s, s + k, device=local.device) for s, k in runs])
         rows = row_comm.gather(local, tuple(sizes[r] for r in row_ranks))
-        return cls(rows, starts[i * b], col_comm.gather(local, tuple(k for _, k in runs)), runs, index)
+        return cls(rows, starts[i * b], col_comm.gather(local, tuple(k for _, k in runs)), runs, index, row_comm)
 
     def row_runs(self, shift: int | None) -> list[tuple[int, int, int | None]]:
         """``(start, stop, self_offset)`` runs covering ``rows``: the rows whose own point (whole-cloud column ``row +
@@ -530,7 +532,7 @@ class Geometry:
         pieces = [reduce(part.rows[a:b], cols.mesh.cols, w, off) for a, b, off in part.row_runs(shift)]
         lse = torch.cat([p[0] for p in pieces])
         mean = None if pieces[0][1] is None else torch.cat([p[1] for p in pieces])
-        lse, mean = _merge_over(self.comm.mesh_comms()[0], lse, mean)
+        lse, mean = _merge_over(part.row_comm, lse, mean)
         mine = slice(rows.offset - part.row_offset, rows.offset - part.row_offset + rows.local.shape[0])
         return lse[mine], None if mean is None else mean[mine]
 
