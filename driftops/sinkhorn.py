@@ -5,7 +5,8 @@ source) and b (on the destination). A solve is a list of :class:`Stage` s comput
 ``sinkhorn_loop`` runs its list of (eps, scale) pairs):
 
 * **annealing**: temperatures falling geometrically (factor ``annealing``) from the squared diameter of the
-  clouds (or from ``warm_restart * eps`` after a poor warm start), one update each;
+  clouds (or from ``warm_restart * eps`` after a poor warm start), one update each, on the grid cells of their own
+  temperature when there are coarse levels, never finer than the finest coarse level;
 * **coarse levels** (``multiscale``, backends "auto"/"sparse", D <= 3): at the target eps, the clouds seen as
   the mass-weighted centroids of grid cells, coarsest first, each solved to ``tol * coarse_tol``;
 * **the points** at the target eps, solved to ``tol``.
@@ -220,10 +221,17 @@ def stages(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, top:
     eps = geom.eps
     out = []
     if top is not None:
-        for e in eps_schedule(top, eps, solver.annealing)[:-1]:
-            out.append(Stage(e, level(src, geom, e, solver), None if dst is None else level(dst, geom, e, solver), None))
         coarse_src = _levels(src, geom, eps, solver)
         coarse_dst = [] if dst is None else _levels(dst, geom, eps, solver)
+
+        def annealed(cloud: Cloud, coarse: list[Cloud], e: float) -> Cloud:
+            # An annealing update runs on no more points than the finest coarse level at the target eps, when there is
+            # one: its cells are finer than the kernel at e > eps, and the coarse stages that follow are solved to tol.
+            lv = level(cloud, geom, e, solver)
+            return coarse[-1] if coarse and (lv is cloud or lv.n > coarse[-1].n) else lv
+
+        for e in eps_schedule(top, eps, solver.annealing)[:-1]:
+            out.append(Stage(e, annealed(src, coarse_src, e), None if dst is None else annealed(dst, coarse_dst, e), None))
         n = max(len(coarse_src), len(coarse_dst))
         # Levels are paired from the finest end; the shorter hierarchy repeats its coarsest level (or the points).
         coarse_src = _pad(coarse_src, n, src)

@@ -266,6 +266,9 @@ def test_stage_list_for_a_known_cloud():
     assert len(stages(cloud, None, geom, Sinkhorn(), top=None)) == 1
     default = stages(cloud, None, geom, Sinkhorn(annealing=0.5), top=1.0)  # cells of side sqrt(eps) / 4 * 2^k
     assert [st.rows.full.shape[0] for st in default[7:]] == [25, 100, 400, 1600, 4096]
+    # Annealing temperatures whose own cells would be finer than the finest coarse level run on that level.
+    fine = stages(cloud, None, geom, Sinkhorn(annealing=0.5, level_cells=16.0), top=1.0)
+    assert [st.rows.full.shape[0] for st in fine] == [256, 529, 1024, 1600, 1600, 1600, 1600, 400, 1600, 4096]
 
 
 def test_progress_reports_every_stage_and_iteration_without_changing_the_solve():
