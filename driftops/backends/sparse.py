@@ -192,26 +192,43 @@ def _keep_mask(
 
 @dataclass(frozen=True)
 class Blocks:
-    """Kept cluster pairs (I, J), sorted by I then J: ``i``, ``j`` (P,) int64; ``shape`` = (K_I, K_J)."""
+    """Kept cluster pairs (I, J) as maximal runs of consecutive kept column clusters of one row cluster (contiguous
+    points in the sorted column cloud), sorted by I then J: run r covers ``(i[r], j)`` for ``start[r] <= j <= end[r]``;
+    ``i``, ``start``, ``end`` (R,) int64; ``shape`` = (K_I, K_J)."""
 
     i: torch.Tensor
-    j: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
     shape: tuple[int, int]
 
     @classmethod
     def from_mask(cls, keep: torch.Tensor) -> "Blocks":
-        i, j = keep.nonzero(as_tuple=True)
-        return cls(i, j, tuple(keep.shape))
+        """The runs of a (K_I, K_J) boolean mask, with one host sync (the number of runs)."""
+        edge = keep.new_zeros(keep.shape[0], 1)
+        first = keep & ~torch.cat([edge, keep[:, :-1]], 1)
+        last = keep & ~torch.cat([keep[:, 1:], edge], 1)
+        at = torch.stack([first, last]).nonzero()  # run starts, then run ends, both in (I, J) order
+        r = at.shape[0] // 2
+        return cls(at[:r, 1], at[:r, 2], at[r:, 2], tuple(keep.shape))
+
+    @classmethod
+    def from_pairs(cls, i: torch.Tensor, j: torch.Tensor, shape: tuple[int, int]) -> "Blocks":
+        """The runs of kept pairs ``(i, j)`` (P,) sorted by i then j."""
+        new = torch.ones_like(i, dtype=torch.bool)
+        new[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1] + 1)
+        starts = new.nonzero()[:, 0]
+        ends = torch.cat([starts[1:], starts.new_tensor([i.numel()])])[: starts.numel()] - 1
+        return cls(i[starts], j[starts], j[ends], shape)
 
     def dense(self) -> torch.Tensor:
         """The (K_I, K_J) boolean mask (small problems and tests only)."""
-        keep = torch.zeros(self.shape, dtype=torch.bool, device=self.i.device)
-        keep[self.i, self.j] = True
-        return keep
+        j = torch.arange(self.shape[1], device=self.i.device)
+        inside = (j >= self.start[:, None]) & (j <= self.end[:, None])
+        return torch.zeros(self.shape, dtype=torch.long, device=self.i.device).index_add_(0, self.i, inside.long()) > 0
 
     def per_row(self) -> torch.Tensor:
         """(K_I,) number of kept column clusters of each row cluster."""
-        return torch.bincount(self.i, minlength=self.shape[0])
+        return torch.zeros(self.shape[0], dtype=torch.long, device=self.i.device).index_add_(0, self.i, self.end - self.start + 1)
 
 
 def _group_best(group: torch.Tensor, values: torch.Tensor, n: int, second: bool) -> torch.Tensor:
@@ -298,29 +315,17 @@ def _keep_blocks(
     best = torch.maximum(best, _group_best(ii, lower, k_i, self_mask))
     kept = upper >= (best - truncation)[ii]
     key = torch.sort(ii[kept] * k_j + jj[kept]).values
-    return Blocks(key // k_j, key % k_j, (k_i, k_j))
-
-
-def _runs(ranges_j: torch.Tensor, blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slices_i, redranges_j) for reductions over j: like ``from_matrix`` but each maximal run of
-    consecutive kept column clusters (contiguous in the sorted cloud) is merged into one range."""
-    i, j = blocks.i, blocks.j
-    new = torch.ones_like(i, dtype=torch.bool)
-    new[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1] + 1)
-    starts = new.nonzero()[:, 0]  # the one host sync here: each run ends where the next one starts
-    ends = torch.cat([starts[1:], starts.new_tensor([i.numel()])]) - 1
-    redranges_j = torch.stack([ranges_j[j[starts], 0], ranges_j[j[ends], 1]], 1)
-    slices_i = torch.bincount(i[starts], minlength=blocks.shape[0]).cumsum(0)
-    return slices_i, redranges_j
+    return Blocks.from_pairs(key // k_j, key % k_j, (k_i, k_j))
 
 
 def block_ranges(ranges_i: torch.Tensor, ranges_j: torch.Tensor, blocks: Blocks) -> tuple[torch.Tensor, ...]:
-    """The 6-tuple ``LazyTensor.ranges`` of the kept blocks, with merged runs of column clusters.
+    """The 6-tuple ``LazyTensor.ranges`` of the kept blocks, one column range per run of column clusters.
 
     Only reductions over j (``dim=1``) are ever run, which read the first three ranges; the last three
     (for reductions over i) describe the dense pattern instead of transposing the blocks.
     """
-    slices_i, redranges_j = _runs(ranges_j, blocks)
+    slices_i = torch.bincount(blocks.i, minlength=blocks.shape[0]).cumsum(0)
+    redranges_j = torch.stack([ranges_j[blocks.start, 0], ranges_j[blocks.end, 1]], 1)
     n = ranges_i[-1, 1]
     k_j = ranges_j.shape[0]
     slices_j = torch.arange(1, k_j + 1, dtype=slices_i.dtype, device=ranges_i.device)
@@ -393,16 +398,16 @@ class SparseBackend(Backend):
         self._check(x, y)
         cx, cy = self.clustering(x, eps, cost, "rows"), self.clustering(y, eps, cost, "cols")
         lw = logw.detach()[cy.perm].contiguous() if logw is not None else None
-        keep = _keep_blocks(cx, cy, eps, cost, self.truncation, lw, self_mask)
-        if not bool((keep.per_row() > 0).all()):
-            raise DriftopsError("internal error in the sparse backend: a row cluster kept no block; use backend='keops'")
-        return cx, cy, keep
+        # Every row cluster keeps at least the block of its B_I (module docstring): no check (a host sync) needed.
+        return cx, cy, _keep_blocks(cx, cy, eps, cost, self.truncation, lw, self_mask)
 
     @staticmethod
     def kept_fraction(cx: Clustering, cy: Clustering, keep: Blocks) -> tuple[float, float]:
         """(fraction of cluster pairs kept, fraction of point pairs kept)."""
-        pairs = float((cx.counts.double()[keep.i] * cy.counts.double()[keep.j]).sum())
-        blocks = keep.i.numel() / (keep.shape[0] * keep.shape[1])
+        ends = torch.cumsum(cy.counts.double(), 0)
+        cols = ends[keep.end] - ends[keep.start] + cy.counts.double()[keep.start]
+        pairs = float((cx.counts.double()[keep.i] * cols).sum())
+        blocks = float((keep.end - keep.start + 1).sum()) / (keep.shape[0] * keep.shape[1])
         return blocks, pairs / (float(cx.counts.sum()) * float(cy.counts.sum()))
 
     # -- reductions -----------------------------------------------------------------------------
