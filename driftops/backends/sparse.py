@@ -204,12 +204,9 @@ class Blocks:
     @classmethod
     def from_mask(cls, keep: torch.Tensor) -> "Blocks":
         """The runs of a (K_I, K_J) boolean mask, with one host sync (the number of runs)."""
-        edge = keep.new_zeros(keep.shape[0], 1)
-        first = keep & ~torch.cat([edge, keep[:, :-1]], 1)
-        last = keep & ~torch.cat([keep[:, 1:], edge], 1)
-        at = torch.stack([first, last]).nonzero()  # run starts, then run ends, both in (I, J) order
-        r = at.shape[0] // 2
-        return cls(at[:r, 1], at[:r, 2], at[r:, 2], tuple(keep.shape))
+        step = torch.diff(torch.nn.functional.pad(keep.to(torch.int8), (1, 1)), dim=1)
+        at = step.nonzero()  # in (I, J) order: each run's first column, then the column after its last
+        return cls(at[0::2, 0], at[0::2, 1], at[1::2, 1] - 1, tuple(keep.shape))
 
     @classmethod
     def from_pairs(cls, i: torch.Tensor, j: torch.Tensor, shape: tuple[int, int]) -> "Blocks":
