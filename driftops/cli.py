@@ -91,6 +91,7 @@ def _add_flow(sub) -> None:
     p.add_argument("--tol", type=positive_float, default=DEMO["tol"], help="Sinkhorn L1 marginal error at which to stop")
     p.add_argument("--max-iter", type=positive_int, default=DEMO["max_iter"], help="Sinkhorn iterations per step at most (a safety net)")
     p.add_argument("--acceleration", choices=ACCELERATIONS, default="adaptive", help="Sinkhorn over-relaxation (see driftops.Sinkhorn)")
+    p.add_argument("--newton", type=int, default=0, help="plan entries per row of a sparse Newton finish of Sinkhorn (0: none; see driftops.Sinkhorn)")
     p.add_argument("--snapshot-every", type=positive_int, default=None, help="steps between snapshots (default: about 50 snapshots)")
     p.add_argument("--metric-every", type=positive_int, default=None, help="steps between W2^2 estimates (default: about 10 of them)")
     p.add_argument("--out", default="runs/flow", help="output folder")
@@ -149,7 +150,7 @@ def _flow(args: argparse.Namespace, device: str, launch) -> int:
         warnings.filterwarnings("ignore", "Sinkhorn did not reach", RuntimeWarning)  # reported below
         result = flow(
             x0, y, steps=args.steps, step_size=args.step_size, eps=args.eps, plan=args.plan, cost=args.cost, backend=args.backend,
-            solver=Sinkhorn(tol=args.tol, max_iter=args.max_iter, acceleration=args.acceleration),
+            solver=Sinkhorn(tol=args.tol, max_iter=args.max_iter, acceleration=args.acceleration, newton=args.newton),
             snapshot_every=args.snapshot_every, metric_every=args.metric_every,
             progress=args.progress, seed=args.seed,
             group=group,

@@ -501,6 +501,11 @@ class Geometry:
             return self.backend.lse(rows.local, cols.full, e, self.cost, logw, self_offset)
         return self._split(rows, cols, logw, self_offset, lambda x, y, w, off: (self.backend.lse(x, y, e, self.cost, w, off), None))[0]
 
+    def topk(self, rows: Cloud, cols: Cloud, logw: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest logits (n, k) of this rank's rows over the whole column cloud and their whole-cloud columns
+        (n, k) int64 (see ``Backend.reduce_topk``); needs the column cloud held whole (not "ring" or "mesh")."""
+        return self.backend.topk(rows.local, cols.full, self.eps, self.cost, logw, k)
+
     def weighted_mean(self, rows: Cloud, cols: Cloud, logw: torch.Tensor | None, self_offset: int | None) -> torch.Tensor:
         """(n, D) softmax-weighted mean of the whole column cloud's points for this rank's rows."""
         if cols.full is not None:

@@ -49,6 +49,10 @@ from .errors import DriftopsError
 from .parallel import Cloud, Geometry
 
 ACCELERATIONS = ("adaptive", "fixed", "none")
+# A Newton step whose kept plan entries hold less than this share of the plan's mass keeps 4x more entries per row
+# in the next ones, while the rows times the entries kept stay at most NEWTON_MAX_ENTRIES (~400 MB of indices and weights).
+NEWTON_MASS = 0.9
+NEWTON_MAX_ENTRIES = 1 << 25
 # Cell sides of the coarse levels at the target temperature, in units of the finest side (kernel width / level_cells).
 COARSE_SCALES = (1.0, 2.0, 4.0, 8.0)
 
@@ -65,6 +69,9 @@ class Sinkhorn:
     multiscale: coarse levels for D <= 3 with the "auto" and "sparse" backends; level_cells: cells
     per kernel width of the finest level; level_shrink: a level is used when it has at most
     1/level_shrink of the points of the next finer one; coarse_tol: coarse levels stop at tol * coarse_tol.
+    newton: k > 0 finishes a cross problem on the points with Newton steps whose Hessian keeps the k largest plan
+    entries of each row (:func:`_iterate_newton`; needs the column cloud held whole: not in "ring" or "mesh" modes,
+    which keep the over-relaxed iterations); 0: over-relaxed iterations throughout.
     warm_accept: a warm start whose marginal error is below it is iterated directly, worse ones
     re-anneal from ``warm_restart * eps``. stall: iterations without a 1% improvement of the best
     marginal error after which a solve stops (its error cannot improve further, e.g. float32 rounding).
@@ -86,6 +93,7 @@ class Sinkhorn:
     warm_accept: float = 0.05
     warm_restart: float = 64.0
     stall: int = 500
+    newton: int = 0
     progress: Callable[[SolveStatus], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +108,8 @@ class Sinkhorn:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "an integer >= 1")
+        if isinstance(self.newton, bool) or not isinstance(self.newton, int) or self.newton < 0:
+            raise bad("newton", "an integer >= 0 (plan entries per row kept in the Newton Hessian; 0: no Newton steps)")
         if not 0 < self.annealing < 1:
             raise bad("annealing", "in (0, 1), e.g. 0.7")
         if self.acceleration not in ACCELERATIONS:
@@ -131,7 +141,8 @@ class SinkhornResult:
     ``coarse_iterations``: iterations on coarse levels and annealing updates; ``marginal_error``: L1 error of
     the column marginal when rows are exact; ``omega``: the last over-relaxation factor (carried over by warm
     starts); ``support``: the (source, destination) clouds the potentials live on (None for a self problem's
-    destination), used to carry the potentials over to new points.
+    destination), used to carry the potentials over to new points; ``newton``: plan entries per row kept by the
+    last Newton step (0: none; carried over by warm starts).
     """
 
     f: torch.Tensor
@@ -143,6 +154,7 @@ class SinkhornResult:
     omega: float = 1.0
     coarse_iterations: int = 0
     support: tuple[Cloud, Cloud | None] | None = field(default=None, repr=False)
+    newton: int = 0
 
 
 @dataclass(frozen=True)
@@ -390,6 +402,81 @@ def _iterate_cross(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, ep
     return f, g, err, p.it, False
 
 
+def _schur_solve(w: torch.Tensor, cols: torch.Tensor, r: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor, comm, iters: int = 100, rtol: float = 1e-2) -> torch.Tensor:
+    """(M,) solution v of ``(diag(c) - Pᵀ diag(1/r) P) v = rhs`` by conjugate gradients preconditioned with diag(c).
+
+    P (n local rows, M): ``w`` (n, k) nonnegative entries at columns ``cols`` (n, k) int64 (the largest entries of the
+    plan's rows); r (n,) and c (M,) > 0: the row and column sums of the whole plan. Rows are split over ranks in "gather" mode: the products with Pᵀ are summed over ranks. Stops at a
+    residual of ``rtol`` times the right-hand side's, or after ``iters`` products.
+    """
+    flat_cols = cols.reshape(-1)
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        u = (w * v[cols]).sum(1) / r  # diag(1/r) P v, (n,)
+        return c * v - comm.sum(torch.zeros_like(v).index_add_(0, flat_cols, (w * u[:, None]).reshape(-1)))
+
+    v = torch.zeros_like(rhs)
+    res = rhs.clone()
+    z = res / c
+    d = z.clone()
+    rz = float((res * z).sum())
+    stop = rtol**2 * float((rhs * rhs / c).sum())
+    for _ in range(iters):
+        if rz <= stop:
+            break
+        sd = apply(d)
+        step = rz / max(float((d * sd).sum()), torch.finfo(rhs.dtype).tiny)
+        v += step * d
+        res -= step * sd
+        z = res / c
+        rz, old = float((res * z).sum()), rz
+        d = z + (rz / old) * d
+    return v
+
+
+def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, eps: float, tol: float, solver: Sinkhorn, omega: _Omega, k: int, status: SolveStatus | None):
+    """Newton steps on g, rows kept exact (f = T(g)), to ``tol``: returns (f, g, error, iterations, stalled, k).
+
+    Each step: the column pass gives the marginal error and the column sums c; a top-k reduction the k largest entries
+    of each row of the plan; conjugate gradients the Newton direction of the dual restricted to g (the Schur
+    complement ``diag(c) - Pᵀ diag(1/a) P`` of its Hessian, P truncated to those entries), scaled by eps. When the
+    kept entries hold less than ``NEWTON_MASS`` of the plan's mass, the next steps keep 4k (while the rows times
+    the entries stay at most ``NEWTON_MAX_ENTRIES``): a truncated Hessian converges linearly, at a rate set by the
+    mass it misses.
+    The step is taken whole when it lowers the marginal error, else halved up to three times; when no length lowers
+    it, the over-relaxed iterations take over from there. Three reductions per accepted step.
+    """
+    p = _Progress(solver, status)
+    log_b = cols.log_marginal()
+    log_a = rows.local_part(rows.log_marginal())
+    f = _update(geom, rows, cols, g, eps)
+    g_star = _update(geom, cols, rows, f, eps)
+    err = _error(log_b, g, g_star, eps)
+    while err >= tol and p.it < solver.max_iter:
+        p.next()
+        if p.stalled(err):
+            return f, g, err, p.it, True, k
+        top, idx = geom.topk(rows, cols, log_b + g / eps, k)
+        w = torch.exp(log_a[:, None] + rows.local_part(f)[:, None] / eps + top)
+        if float(geom.comm.sum(w.sum())) < NEWTON_MASS and 4 * k * rows.n <= NEWTON_MAX_ENTRIES:
+            k *= 4
+        c = torch.exp(log_b + ((g - g_star) / eps).clamp(max=50.0))
+        step = _schur_solve(w, idx, log_a.exp(), c, eps * (log_b.exp() - c), geom.comm)
+        for t in (1.0, 0.5, 0.25, 0.125):
+            g_t = g + t * step
+            f_t = _update(geom, rows, cols, g_t, eps)
+            g_star_t = _update(geom, cols, rows, f_t, eps)
+            err_t = _error(log_b, g_t, g_star_t, eps)
+            if err_t < err:
+                f, g, g_star, err = f_t, g_t, g_star_t, err_t
+                break
+        else:
+            rest = replace(solver, max_iter=solver.max_iter - p.it)
+            f, g, err, its, stalled = _iterate_cross(geom, rows, cols, g, eps, tol, rest, omega, status)
+            return f, g, err, p.it + its, stalled, k
+    return f, g, err, p.it, False, k
+
+
 def _resolution(f: torch.Tensor, g: torch.Tensor, eps: float) -> float:
     """The smallest L1 marginal error the potentials' dtype resolves at eps: one rounding unit of the largest
     potential, relative to eps (the exponent's rounding error). Reported in place of smaller errors, which a
@@ -428,6 +515,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     symmetric = dst is None
     top = max_cost(geom.cost, src.box(), (src if symmetric else dst).box())
     omega = _Omega(solver, warm_start.omega if warm_start is not None and solver.acceleration == "adaptive" else solver.omega)
+    newton = max(solver.newton, warm_start.newton) if solver.newton and warm_start is not None else solver.newton
     warm = None if warm_start is None else _carry_over(warm_start, src, dst, geom)
     coarse_its = 0
     if warm is None:
@@ -447,7 +535,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
         f, g = (0.5 * (f + exact),) * 2 if symmetric else (f, exact)
         plan = stages(src, dst, geom, solver, None if start < solver.warm_accept else min(top, solver.warm_restart * eps))
         f_on, g_on, fresh = src, dst, False
-    err, its, stalled = math.inf, 0, False
+    err, its, stalled, used = math.inf, 0, False, 0
     for k, st in enumerate(plan):
         status = None if solver.progress is None else SolveStatus(k + 1, len(plan), st.eps, st.rows.n, symmetric)
         if status is not None:
@@ -470,7 +558,10 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
             if g_on is not st.cols:
                 g, g_on = _update(geom, st.cols, f_on, f, st.eps), st.cols
             omega.restart()
-            f, g, err, its, stalled = _iterate_cross(geom, st.rows, st.cols, g, eps, st.tol, solver, omega, status)
+            if newton and st is plan[-1] and st.cols.full is not None:
+                f, g, err, its, stalled, used = _iterate_newton(geom, st.rows, st.cols, g, eps, st.tol, solver, omega, newton, status)
+            else:
+                f, g, err, its, stalled = _iterate_cross(geom, st.rows, st.cols, g, eps, st.tol, solver, omega, status)
             f_on = st.rows
         if st is not plan[-1] and st.tol is not None:
             coarse_its += its
@@ -487,4 +578,4 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
         if (floor >= solver.tol or stalled) and f.dtype == torch.float32:
             why += " (float32 potentials cannot resolve this temperature: use float64)"
         warnings.warn(f"Sinkhorn stopped {why}; raise max_iter, raise tol or use a larger eps", RuntimeWarning, stacklevel=3)
-    return SinkhornResult(f, g, eps, its, err, converged, omega.value, coarse_its, (src, dst))
+    return SinkhornResult(f, g, eps, its, err, converged, omega.value, coarse_its, (src, dst), used)

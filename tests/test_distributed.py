@@ -117,6 +117,8 @@ def _cases(x, y, wx, wy, pos, neg, group, modes=("gather", "ring", "mesh")) -> d
     if "gather" in modes:  # Coarse Sinkhorn levels (annealing temperatures on grid-cell centroids): "sparse" and "auto" backends.
         g = None if group is None else Sharding(group, "gather")
         out["sparse-coarse"] = driftops.drift(x, y, EPS, backend="sparse", group=g, x_weights=wx, **SINK)
+        # A Newton finish: the products with the transposed sparse Hessian are summed over ranks.
+        out["newton"] = driftops.drift(x, y, EPS, backend="dense", group=g, y_weights=wy, solver=driftops.Sinkhorn(newton=8), **SINK)
     return out
 
 

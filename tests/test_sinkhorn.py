@@ -124,12 +124,17 @@ def test_coarse_to_fine_annealing_reaches_the_same_potentials(cost, symmetric):
     assert torch.allclose(runs["auto"].g + shift * (not symmetric), runs["dense"].g, atol=1e-5 * eps)
 
 
-def test_coarse_solve_at_the_target_temperature_leaves_few_fine_iterations():
+def uniform_and_cornered():
+    """3000 uniform points of the unit square and 2500 crowded towards a corner (float64), whole and as clouds."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3000, 2, generator=g, dtype=torch.float64)
     y = torch.rand(2500, 2, generator=g, dtype=torch.float64) ** 2
     comm = Comm()
-    src, dst = Cloud.split(x, comm), Cloud.split(y, comm)
+    return x, y, Cloud.split(x, comm), Cloud.split(y, comm), comm
+
+
+def test_coarse_solve_at_the_target_temperature_leaves_few_fine_iterations():
+    x, y, src, dst, comm = uniform_and_cornered()
     runs = {}
     # "auto" solves eps = 0.01 first on 1350 occupied cells of side sqrt(eps) / 4 (of 1600) per cloud, and on coarser
     # ones; "dense" has no levels and iterates plainly on the points.
@@ -168,6 +173,60 @@ def test_every_acceleration_reaches_the_dense_reference(acceleration, n, m, d, e
     assert float((v - (t_ref - s_ref)).abs().max() / (t_ref - s_ref).abs().max()) < 1e-6
     t = driftops.barycentric_map(x, y, eps, plan="sinkhorn", backend="keops", solver=solver, y_weights=wy)
     assert float((t - t_ref).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("n, m, d, eps", [(60, 45, 1, 0.3), (80, 50, 2, 0.03), (50, 70, 2, 0.003), (40, 30, 16, 0.03), (30, 40, 64, 0.1)])
+def test_newton_finish_reaches_the_dense_reference(n, m, d, eps):
+    x, y, wy, t_ref, s_ref = reference_maps(n, m, d, eps)
+    solver = Sinkhorn(tol=1e-10, max_iter=1000, newton=64)  # every entry of these small plans
+    v, info = driftops.drift(x, y, eps, plan="sinkhorn", backend="dense", solver=solver, y_weights=wy, return_info=True)
+    assert float((v - (t_ref - s_ref)).abs().max() / (t_ref - s_ref).abs().max()) < 1e-6
+    plain = driftops.drift(x, y, eps, plan="sinkhorn", backend="dense", solver=Sinkhorn(tol=1e-10, max_iter=100000), return_info=True, y_weights=wy)[1]
+    assert info.sinkhorn[eps][0].iterations < plain.sinkhorn[eps][0].iterations
+    t = driftops.barycentric_map(x, y, eps, plan="sinkhorn", backend="keops", solver=solver, y_weights=wy)
+    assert float((t - t_ref).abs().max()) < 1e-6
+
+
+def test_newton_finish_on_the_block_sparse_path():
+    x, y, src, dst, comm = uniform_and_cornered()
+    geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), comm)
+    newton = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=64))
+    plain = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6))
+    # 64 entries hold about 58% of a row's mass here (rows spread over hundreds of points): 256 are kept after the first step.
+    assert newton.newton == 256 and plain.newton == 0
+    assert sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=64), warm_start=newton).newton == 256  # carried over
+    assert newton.converged and newton.iterations <= 10 and plain.iterations > 2 * newton.iterations, (newton.iterations, plain.iterations)
+    rows, cols = marginal_errors(x, y, newton, 0.01)
+    assert rows < 1e-10 and cols < 1e-6
+    # The same potentials up to the constant (f + k, g - k) and the tolerance.
+    k = float((newton.f - plain.f).mean())
+    assert float((newton.f - plain.f - k).abs().max()) < 1e-4 and float((newton.g - plain.g + k).abs().max()) < 1e-4
+
+
+def test_newton_hands_over_to_overrelaxation_when_its_hessian_is_too_sparse():
+    x, y = pair(400, 300, seed=3)
+    # One entry per row: the truncated Hessian misses most of each row's mass; the solve still converges.
+    v, info = driftops.drift(x, y, 0.01, plan="sinkhorn", backend="dense", solver=Sinkhorn(tol=1e-8, newton=1), return_info=True)
+    ref = driftops.drift(x, y, 0.01, plan="sinkhorn", backend="dense", solver=Sinkhorn(tol=1e-8))
+    assert info.sinkhorn[0.01][0].converged and float((v - ref).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["dense", "keops", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_logits_of_every_backend(backend, dtype):
+    x, y, w = unit_clouds(700, 900, 2, seed=4, dtype=dtype)
+    logw = w.log() * 3
+    for eps, k in ((0.05, 10), (1e-4, 40)):
+        top, cols = driftops.backends.get_backend(backend).topk(x, y, eps, "sqeuclidean", logw, k)
+        s = logw[None, :] - torch.cdist(x.double(), y.double()) ** 2 / eps
+        ref = s.topk(k, dim=1)
+        found = top.isfinite()
+        # Every returned entry is among the reference's k largest, with its logit; the block-sparse path may return fewer
+        # (rows whose kept blocks hold fewer than k points, at eps = 1e-4), never missing one within e^-20 of the row's best.
+        assert cols.dtype == torch.int64 and top.shape == cols.shape == (700, k)
+        assert bool((s.gather(1, cols)[found] - top[found].double()).abs().max() < 1e-3 * s.abs().max())
+        assert bool((top[found].double() >= ref.values[:, -1:].expand(-1, k)[found] - 1e-3 * s.abs().max()).all())
+        assert bool(found.all()) if backend != "sparse" else bool((found | (ref.values < ref.values[:, :1] - 20)).all())
 
 
 def dual(x, y, f, g, eps):
@@ -323,8 +382,8 @@ def test_solver_objects_are_accepted_everywhere(tmp_path):
     assert max(res.history["marginal_error"]) < 1e-4 and res.info.sinkhorn[0.01][0].converged
     from driftops.train import TrainConfig
 
-    cfg = TrainConfig(out=str(tmp_path), sinkhorn_tol=1e-4, sinkhorn_iters=50, sinkhorn_acceleration="none")
-    assert cfg.flow_options()["solver"] == Sinkhorn(tol=1e-4, max_iter=50, acceleration="none")
+    cfg = TrainConfig(out=str(tmp_path), sinkhorn_tol=1e-4, sinkhorn_iters=50, sinkhorn_acceleration="none", sinkhorn_newton=32)
+    assert cfg.flow_options()["solver"] == Sinkhorn(tol=1e-4, max_iter=50, acceleration="none", newton=32)
 
 
 @pytest.mark.parametrize(
@@ -332,7 +391,7 @@ def test_solver_objects_are_accepted_everywhere(tmp_path):
     [
         (dict(tol=0.0), "tol"), (dict(tol=-1e-3), "tol"), (dict(max_iter=0), "max_iter"), (dict(omega=2.0), "omega"),
         (dict(omega=0.0), "omega"), (dict(omega_max=2.0), "omega_max"), (dict(acceleration="nesterov"), "acceleration"),
-        (dict(annealing=1.0), "annealing"), (dict(window=0), "window"),
+        (dict(annealing=1.0), "annealing"), (dict(window=0), "window"), (dict(newton=-1), "newton"), (dict(newton=2.5), "newton"),
     ],
 )  # fmt: skip
 def test_bad_solver_settings_raise(settings, match):

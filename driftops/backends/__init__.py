@@ -59,6 +59,9 @@ class AutoBackend(Backend):
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
         return self.pick(x, y, values, logw).reduce_lse_mean(x, y, eps, cost, values, logw)
 
+    def reduce_topk(self, x, y, eps, cost, logw, k):
+        return self.pick(x, y).reduce_topk(x, y, eps, cost, logw, k)
+
 
 BACKENDS = {"auto": AutoBackend, "keops": KeOpsBackend, "sparse": SparseBackend, "dense": DenseBackend}
 

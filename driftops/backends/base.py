@@ -13,7 +13,8 @@ interaction: x is a slice of y starting at row k, so ``c(x_i, y_{i+k}) = 0``);
 ``None`` keeps all pairs.
 
 Backends differ only in how they evaluate three primitive reductions
-(``reduce_lse``, ``reduce_mean``, ``reduce_lse_mean``). The self mask is applied
+(``reduce_lse``, ``reduce_mean``, ``reduce_lse_mean``), plus ``reduce_topk`` (the largest logits of each
+row, for the sparse Hessian of a Newton finish of Sinkhorn). The self mask is applied
 here, once for all of them: the unmasked sums are computed (a cheaper formula)
 and the diagonal term ``exp(logw_{i+k})`` is removed from them; rows whose
 diagonal term holds more than ``DIAGONAL_SHARE`` of their mass (isolated points,
@@ -30,6 +31,7 @@ from typing import Callable
 import torch
 
 from .. import threads
+from ..errors import DriftopsError
 
 # A large finite logit penalty: KeOps returns NaN on -inf logits, so masked pairs get this instead.
 MASK_PENALTY = 1e30
@@ -58,6 +60,16 @@ class Backend(ABC):
     @abstractmethod
     def reduce_lse_mean(self, x, y, eps: float, cost: str, values, logw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The unmasked ``reduce_lse`` and ``reduce_mean`` from one pass over the pairs (no autograd needed)."""
+
+    def reduce_topk(self, x, y, eps: float, cost: str, logw: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest logits of each row, (N, k), and their columns, (N, k) int64, in no particular order; a row with
+        fewer than k candidates (block-sparse) pads with logit -inf (at some column). No gradients."""
+        raise DriftopsError(f"the {self.name} backend has no top-k reduction: use Sinkhorn(newton=0)")
+
+    def topk(self, x: torch.Tensor, y: torch.Tensor, eps: float, cost: str, logw: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``reduce_topk`` with k at most M, under the thread settings of :func:`driftops.threads.call`."""
+        k = min(k, y.shape[0])
+        return threads.call(lambda: self.reduce_topk(x.detach(), y.detach(), eps, cost, None if logw is None else logw.detach(), k), x.device.type == "cpu")
 
     def lse(
         self,

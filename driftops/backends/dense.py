@@ -94,6 +94,10 @@ class DenseBackend(Backend):
         p, total, lse = shifted_exp(self.logits(x, y, eps, cost, logw, None))
         return lse, (p @ values) / total
 
+    def reduce_topk(self, x, y, eps, cost, logw, k):
+        top = torch.topk(self.logits(x, y, eps, cost, logw, None), k, dim=1)
+        return top.values, top.indices
+
 
 def shifted_exp(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For logits s (N, M): ``p = exp(max(s - m, EXP_FLOOR))`` (N, M) with m the row maxima, its row sums (N, 1)

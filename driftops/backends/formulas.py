@@ -8,6 +8,10 @@ euclidean cost):
 * ``"mean"``: ``Max_SumShiftExpWeight`` with weights ``[1, values]`` (softmax-weighted mean; log-sum-exp and mean in one
   pass, the same formula as KeOps's ``sumsoftmaxweight``).
 
+The Newton finish of Sinkhorn (``Sinkhorn(newton=k)``, off by default) adds a third shape, ``KMin_ArgKMin`` of the
+negated logits (the k largest logits of each row and their columns), one kernel per k and path, compiled at its first
+use and not by the warm-up (k grows by 4x while the kept entries hold too little of the plan's mass).
+
 ``-1/eps`` is a parameter and the column log-weights always a variable (zeros when absent), so no temperature,
 weight or offset is compiled in. The variants are: the cost (2), the self mask (the pair ``(i, diag_i)``
 penalised by exact integer index parts, or none), the path (dense-lazy, or block-sparse with KeOps ranges, a

@@ -127,6 +127,13 @@ def lse_and_mean(s: LazyTensor, values: torch.Tensor) -> tuple[torch.Tensor, tor
     return out[:, 0] + out[:, 1].log(), out[:, 2:] / out[:, 1:2]
 
 
+def top_logits(s: LazyTensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each row of ``s`` (N, k) and their columns (N, k) int64 (logit -inf: missing)."""
+    low, cols = (-s).Kmin_argKmin(K=k, dim=1)
+    missing = low.isinf()
+    return (-low).masked_fill(missing, -float("inf")), cols.masked_fill(missing, 0)
+
+
 class KeOpsBackend(Backend):
     """Dense-lazy reductions with pykeops: every pair is visited, none is stored."""
 
@@ -149,3 +156,6 @@ class KeOpsBackend(Backend):
             reduction_kind("lse_mean", x, values, cost, None),
             lambda: lse_and_mean(keops_logits(x, y, eps, cost, logw, None), values.detach()),
         )
+
+    def reduce_topk(self, x, y, eps, cost, logw, k):
+        return compiled_once(reduction_kind(f"top{k}", x, None, cost, None), lambda: top_logits(keops_logits(x, y, eps, cost, logw, None), k))

@@ -34,7 +34,7 @@ import torch
 from ..costs import cost_power
 from ..errors import DriftopsError
 from .base import Backend
-from .keops import LazyTensor, Vj, compiled_once, keops_logits, lse_and_mean, reduction_kind
+from .keops import LazyTensor, Vj, compiled_once, keops_logits, lse_and_mean, reduction_kind, top_logits
 
 # Cell-size rule: cells of side truncation_radius / CELLS_PER_RADIUS, grown by CELL_GROWTH until a cluster holds
 # MIN_MEAN_POINTS points on average and a cloud has at most MAX_CLUSTERS clusters. Smaller cells keep fewer pairs,
@@ -441,6 +441,12 @@ class SparseBackend(Backend):
         v = values.detach()[cy.perm].contiguous()
         out = compiled_once(reduction_kind("sparse mean", x, v, cost, diag), lambda: s.sumsoftmaxweight(Vj(v), dim=1))
         return self._unsort(out, cx)
+
+    def reduce_topk(self, x, y, eps, cost, logw, k):
+        """The k largest kept logits of each row and their columns, original orders (logit -inf: missing)."""
+        s, cx, cy = self._logits(x, y, eps, cost, logw, None)
+        top, cols = compiled_once(reduction_kind(f"sparse top{k}", x, None, cost, None), lambda: top_logits(s, k))
+        return self._unsort(top, cx), self._unsort(cy.perm[cols], cx)
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
         """``reduce_lse`` and ``reduce_mean`` (no mask) from one block-sparse reduction, original order."""

@@ -43,6 +43,7 @@ class TrainConfig:
     sinkhorn_tol: float = 1e-3
     sinkhorn_iters: int = 1000
     sinkhorn_acceleration: str = "adaptive"
+    sinkhorn_newton: int = 0
     sinkhorn_warm: bool = False
     steps: int = 2000
     batch: int = 1024
@@ -120,13 +121,14 @@ class TrainConfig:
 
     def flow_options(self) -> dict:
         """Keyword arguments of :func:`driftops.flow` for the trainers' drift steps: step size, temperatures, plan,
-        cost, backend and the Sinkhorn solver (``sinkhorn_tol``, ``sinkhorn_iters``, ``sinkhorn_acceleration``)."""
+        cost, backend and the Sinkhorn solver (``sinkhorn_tol``, ``sinkhorn_iters``, ``sinkhorn_acceleration``,
+        ``sinkhorn_newton``)."""
         return dict(step_size=self.step_size, eps=self.eps, plan=self.plan, cost=self.cost, backend=self.backend, solver=self.solver)
 
     @property
     def solver(self) -> Sinkhorn:
         """The Sinkhorn solver of the drift steps."""
-        return Sinkhorn(tol=self.sinkhorn_tol, max_iter=self.sinkhorn_iters, acceleration=self.sinkhorn_acceleration)
+        return Sinkhorn(tol=self.sinkhorn_tol, max_iter=self.sinkhorn_iters, acceleration=self.sinkhorn_acceleration, newton=self.sinkhorn_newton)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> TrainConfig:
