@@ -46,13 +46,15 @@ from .backends import SPARSE_MAX_DIM, AutoBackend, SparseBackend
 from .backends.sparse import grid_labels
 from .costs import cost_power, eps_schedule, max_cost
 from .errors import DriftopsError
-from .parallel import Cloud, Geometry
+from .parallel import Cloud, Comm, Geometry
 
 ACCELERATIONS = ("adaptive", "fixed", "none")
 # A Newton step whose kept plan entries hold less than this share of the plan's mass keeps 4x more entries per row
 # in the next ones, while the rows times the entries kept stay at most NEWTON_MAX_ENTRIES (~400 MB of indices and weights).
 NEWTON_MASS = 0.9
 NEWTON_MAX_ENTRIES = 1 << 25
+# Conjugate-gradient iterations between two checks of the residual (each check is a host sync).
+CG_CHECK = 10
 # Cell sides of the coarse levels at the target temperature, in units of the finest side (kernel width / level_cells).
 COARSE_SCALES = (1.0, 2.0, 4.0, 8.0)
 
@@ -402,12 +404,13 @@ def _iterate_cross(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, ep
     return f, g, err, p.it, False
 
 
-def _schur_solve(w: torch.Tensor, cols: torch.Tensor, r: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor, comm, iters: int = 100, rtol: float = 1e-2) -> torch.Tensor:
+def _schur_solve(w: torch.Tensor, cols: torch.Tensor, r: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor, comm: Comm, iters: int = 100, rtol: float = 1e-2) -> torch.Tensor:
     """(M,) solution v of ``(diag(c) - Pᵀ diag(1/r) P) v = rhs`` by conjugate gradients preconditioned with diag(c).
 
-    P (n local rows, M): ``w`` (n, k) nonnegative entries at columns ``cols`` (n, k) int64 (the largest entries of the
-    plan's rows); r (n,) and c (M,) > 0: the row and column sums of the whole plan. Rows are split over ranks in "gather" mode: the products with Pᵀ are summed over ranks. Stops at a
-    residual of ``rtol`` times the right-hand side's, or after ``iters`` products.
+    P (n local rows, M): ``w`` (n, k) nonnegative entries at columns ``cols`` (n, k) int64 (the largest entries of
+    the plan's rows); r (n,) and c (M,) > 0: the row and column sums of the whole plan. Rows are split over ranks in
+    "gather" mode: the products with Pᵀ are summed over ranks. Stops at a residual of ``rtol`` times the right-hand
+    side's (checked every ``CG_CHECK`` products, the only host syncs), or after ``iters`` products.
     """
     flat_cols = cols.reshape(-1)
 
@@ -415,22 +418,23 @@ def _schur_solve(w: torch.Tensor, cols: torch.Tensor, r: torch.Tensor, c: torch.
         u = (w * v[cols]).sum(1) / r  # diag(1/r) P v, (n,)
         return c * v - comm.sum(torch.zeros_like(v).index_add_(0, flat_cols, (w * u[:, None]).reshape(-1)))
 
-    v = torch.zeros_like(rhs)
-    res = rhs.clone()
-    z = res / c
-    d = z.clone()
-    rz = float((res * z).sum())
-    stop = rtol**2 * float((rhs * rhs / c).sum())
-    for _ in range(iters):
-        if rz <= stop:
+    tiny = torch.finfo(rhs.dtype).tiny
+    v, res = torch.zeros_like(rhs), rhs.clone()
+    d = res / c
+    rz = (res * d).sum()
+    stop = rtol**2 * rz
+    for it in range(iters):
+        if it % CG_CHECK == 0 and bool(rz <= stop):
             break
         sd = apply(d)
-        step = rz / max(float((d * sd).sum()), torch.finfo(rhs.dtype).tiny)
+        dsd = (d * sd).sum()
+        # Between two checks, a converged (or broken-down) iteration leaves v as it is.
+        step = torch.where((rz > stop) & (dsd > 0), rz / dsd.clamp_min(tiny), torch.zeros_like(rz))
         v += step * d
         res -= step * sd
         z = res / c
-        rz, old = float((res * z).sum()), rz
-        d = z + (rz / old) * d
+        rz, old = (res * z).sum(), rz
+        d = z + (rz / old.clamp_min(tiny)) * d
     return v
 
 
@@ -471,7 +475,7 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
                 f, g, g_star, err = f_t, g_t, g_star_t, err_t
                 break
         else:
-            rest = replace(solver, max_iter=solver.max_iter - p.it)
+            rest = replace(solver, max_iter=max(1, solver.max_iter - p.it))
             f, g, err, its, stalled = _iterate_cross(geom, rows, cols, g, eps, tol, rest, omega, status)
             return f, g, err, p.it + its, stalled, k
     return f, g, err, p.it, False, k
