@@ -444,13 +444,14 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
     Each step: the column pass gives the marginal error and the column sums c; a top-k reduction the k largest entries
     of each row of the plan; conjugate gradients the Newton direction of the dual restricted to g (the Schur
     complement ``diag(c) - Pᵀ diag(1/a) P`` of its Hessian, P truncated to those entries), scaled by eps. When the
-    kept entries hold less than ``NEWTON_MASS`` of the plan's mass, the next steps keep 4k (while the rows times
-    the entries stay at most ``NEWTON_MAX_ENTRIES``): a truncated Hessian converges linearly, at a rate set by the
+    kept entries hold less than ``NEWTON_MASS`` of the plan's mass, the next steps keep 4k (the rows times the
+    entries kept stay at most ``NEWTON_MAX_ENTRIES``): a truncated Hessian converges linearly, at a rate set by the
     mass it misses.
     The step is taken whole when it lowers the marginal error, else halved up to three times; when no length lowers
     it, the over-relaxed iterations take over from there. Three reductions per accepted step.
     """
     p = _Progress(solver, status)
+    k = max(1, min(k, NEWTON_MAX_ENTRIES // rows.n))
     log_b = cols.log_marginal()
     log_a = rows.local_part(rows.log_marginal())
     f = _update(geom, rows, cols, g, eps)
