@@ -9,7 +9,7 @@ Implementations, each in a fresh process under the default environment:
 * ``driftops``: the default ``Sinkhorn()`` (both half-steps over-relaxed with an adaptive factor, coarse levels
   solved at the target eps);
 * ``newton``: ``Sinkhorn(newton=128)``, the same with a sparse Newton finish on the points (the 128 largest plan
-  entries of each row in its Hessian, more when they hold less than 90% of the median row's mass);
+  entries of each row in its Hessian, more when they hold less than 75% of the plan's mass);
 * ``geomloss``: GeomLoss ``SamplesLoss(potentials=True)`` at the matching blur (scaling 0.9; multiscale in 2D), its
   potentials' marginal error measured as driftops measures its own;
 * ``dense20``: 20 alternating dense log-domain normalisations from zero potentials (the Sinkhorn-drifting paper's

@@ -51,7 +51,7 @@ from .parallel import Cloud, Comm, Geometry
 ACCELERATIONS = ("adaptive", "fixed", "none")
 # A Newton step whose kept plan entries hold less than this share of the plan's mass keeps 4x more entries per row
 # in the next ones, while the rows times the entries kept stay at most NEWTON_MAX_ENTRIES (~400 MB of indices and weights).
-NEWTON_MASS = 0.9
+NEWTON_MASS = 0.75
 NEWTON_MAX_ENTRIES = 1 << 25
 # Conjugate-gradient iterations between two checks of the residual (each check is a host sync).
 CG_CHECK = 10
