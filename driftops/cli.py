@@ -144,7 +144,7 @@ def _flow(args: argparse.Namespace, device: str, launch) -> int:
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if args.threads is not None:
         set_threads(args.threads)
-    warmup(job_formulas(y.shape[1], dtype, args.cost, [args.plan], args.backend, device), progress=args.progress and writer)
+    warmup(job_formulas(y.shape[1], dtype, args.cost, [args.plan], args.backend, device, newton=args.newton), progress=args.progress and writer)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sinkhorn did not reach", RuntimeWarning)  # reported below
@@ -220,6 +220,7 @@ def _add_warmup(sub) -> None:
     p.add_argument("--plan", choices=PLANS, nargs="+", default=list(PLANS), help="plans (masked kernels for one/two-sided)")
     p.add_argument("--backend", choices=[b for b in BACKENDS if b != "dense"], nargs="+", default=["auto"])
     p.add_argument("--grad", action="store_true", help="also the kernels of differentiable drifts (dense-lazy in D <= 3)")
+    p.add_argument("--newton", type=int, default=0, help="also the top-k kernel of a Newton finish keeping this many entries per row")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=run_warmup)
 
@@ -231,7 +232,7 @@ def run_warmup(args: argparse.Namespace) -> int:
     device = _device(args.device)
     formulas = [
         f for dim in args.dim for dtype in args.dtype for cost in args.cost for backend in args.backend for grad in {False, args.grad}
-        for f in job_formulas(dim, dtype, cost, args.plan, backend, device, grad)
+        for f in job_formulas(dim, dtype, cost, args.plan, backend, device, grad, args.newton)
     ]  # fmt: skip
     done = warmup(formulas)
     print(f"{len(done)} KeOps kernels compiled, {len(set(formulas)) - len(done)} already there")

@@ -15,7 +15,7 @@ import torch
 import driftops
 from driftops import threads
 from driftops.backends import AutoBackend, DenseBackend
-from driftops.backends.formulas import job_formulas
+from driftops.backends.formulas import Formula, job_formulas
 from driftops.backends.keops import INDEX_BASE, KeOpsBackend, _build_lock, keops_logits
 from driftops.backends.sparse import cluster_ranges
 from driftops.costs import diameter
@@ -124,6 +124,10 @@ def test_job_formulas_lists_masked_kernels_for_one_and_two_sided_only():
     assert [(f.shape, f.masked) for f in job_formulas(3, plans=["sinkhorn"])] == [("lse", False), ("mean", False)]
     assert len(job_formulas(2, plans=["one_sided"], cost="euclidean", dtype=torch.float64)) == 4
     assert job_formulas(2, backend="dense") == []
+    # The Newton finish's top-k kernel, unmasked, for Sinkhorn plans only.
+    assert [f.shape for f in job_formulas(2, plans=["sinkhorn", "one_sided"], newton=64)].count("top64") == 1
+    assert "top64" not in [f.shape for f in job_formulas(2, plans=["one_sided"], newton=64)]
+    Formula("top10", "sqeuclidean", False, False, 2, "float64").run()  # parses k from the shape (a kernel the tests compile)
     with pytest.raises(driftops.DriftopsError, match="unknown backend"):
         job_formulas(2, backend="gpu")
 

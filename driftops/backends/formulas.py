@@ -40,8 +40,9 @@ MANIFEST = "driftops-warmup.json"
 
 @dataclass(frozen=True)
 class Formula:
-    """One compiled KeOps kernel: reduction ``shape`` (see SHAPES), ``cost``, ``masked`` (self mask),
-    ``sparse`` (block-sparse ranges) or dense-lazy, point dimension ``dim``, ``dtype`` and ``device`` type."""
+    """One compiled KeOps kernel: reduction ``shape`` (see SHAPES, or ``"top<k>"``: the k largest logits of the Newton
+    finish), ``cost``, ``masked`` (self mask), ``sparse`` (block-sparse ranges) or dense-lazy, point dimension ``dim``,
+    ``dtype`` and ``device`` type."""
 
     shape: str
     cost: str
@@ -67,7 +68,9 @@ class Formula:
         diag = torch.arange(8, device=self.device) % 6 if self.masked else None
         backend = SparseBackend() if self.sparse else KeOpsBackend()
         with torch.no_grad():
-            if self.shape == "lse":
+            if self.shape.startswith("top"):
+                backend.reduce_topk(x, y, 1.0, self.cost, logw, int(self.shape[3:]))
+            elif self.shape == "lse":
                 backend.reduce_lse(x, y, 1.0, self.cost, logw, diag)
             else:
                 backend.reduce_mean(x, y, 1.0, self.cost, y, logw, diag)
@@ -83,8 +86,10 @@ def job_formulas(
     backend: str = "auto",
     device: torch.device | str = "cpu",
     grad: bool = False,
+    newton: int = 0,
 ) -> list[Formula]:
-    """The formulas a job with these settings can compile (``grad``: gradients through the drift are needed).
+    """The formulas a job with these settings can compile (``grad``: gradients through the drift are needed; ``newton``:
+    the Newton finish's starting k, whose top-k kernel is listed for Sinkhorn plans; the larger k it may grow to are not).
 
     The path follows :class:`driftops.backends.AutoBackend`: block-sparse on CPU for D <= 3 without gradients,
     dense-lazy otherwise; the ``"dense"`` backend needs none. Masked variants only for one- and two-sided plans.
@@ -103,7 +108,8 @@ def job_formulas(
     else:
         raise DriftopsError(f"unknown backend {backend!r}; pass 'auto', 'keops', 'sparse' or 'dense'")
     masks = [False] + ([True] if set(plans) - {"sinkhorn"} else [])
-    return [Formula(shape, cost, masked, sparse, dim, dtype, device) for masked in masks for shape in SHAPES]
+    shapes = SHAPES + ((f"top{newton}",) if newton and "sinkhorn" in plans else ())
+    return [Formula(shape, cost, masked, sparse, dim, dtype, device) for masked in masks for shape in shapes if not (masked and shape.startswith("top"))]
 
 
 def _cache_folder() -> Path:
