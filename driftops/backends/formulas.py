@@ -9,8 +9,9 @@ euclidean cost):
   pass, the same formula as KeOps's ``sumsoftmaxweight``).
 
 The Newton finish of Sinkhorn (``Sinkhorn(newton=k)``, off by default) adds a third shape, ``KMin_ArgKMin`` of the
-negated logits (the k largest logits of each row and their columns), one kernel per k and path, compiled at its first
-use and not by the warm-up (k grows by 4x while the kept entries hold too little of the plan's mass).
+negated logits (the k largest logits of each row and their columns), one kernel per k and path: the warm-up lists the
+starting k when a job asks for it (``job_formulas(newton=k)``); the larger k it grows to (4x while the kept entries
+hold too little of the plan's mass) compile at their first use.
 
 ``-1/eps`` is a parameter and the column log-weights always a variable (zeros when absent), so no temperature,
 weight or offset is compiled in. The variants are: the cost (2), the self mask (the pair ``(i, diag_i)``
