@@ -454,6 +454,7 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
     k = max(1, min(k, NEWTON_MAX_ENTRIES // rows.n))
     log_b = cols.log_marginal()
     log_a = rows.local_part(rows.log_marginal())
+    a, b = log_a.exp(), log_b.exp()
     f = _update(geom, rows, cols, g, eps)
     g_star = _update(geom, cols, rows, f, eps)
     err = _error(log_b, g, g_star, eps)
@@ -466,7 +467,7 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
         if float(geom.comm.sum(w.sum())) < NEWTON_MASS and 4 * k * rows.n <= NEWTON_MAX_ENTRIES:
             k *= 4
         c = torch.exp(log_b + ((g - g_star) / eps).clamp(max=50.0))
-        step = _schur_solve(w, idx, log_a.exp(), c, eps * (log_b.exp() - c), geom.comm)
+        step = _schur_solve(w, idx, a, c, eps * (b - c), geom.comm)
         for t in (1.0, 0.5, 0.25, 0.125):
             g_t = g + t * step
             f_t = _update(geom, rows, cols, g_t, eps)

@@ -109,8 +109,10 @@ def job_formulas(
     else:
         raise DriftopsError(f"unknown backend {backend!r}; pass 'auto', 'keops', 'sparse' or 'dense'")
     masks = [False] + ([True] if set(plans) - {"sinkhorn"} else [])
-    shapes = SHAPES + ((f"top{newton}",) if newton and "sinkhorn" in plans else ())
-    return [Formula(shape, cost, masked, sparse, dim, dtype, device) for masked in masks for shape in shapes if not (masked and shape.startswith("top"))]
+    out = [Formula(shape, cost, masked, sparse, dim, dtype, device) for masked in masks for shape in SHAPES]
+    if newton and "sinkhorn" in plans:
+        out.append(Formula(f"top{newton}", cost, False, sparse, dim, dtype, device))
+    return out
 
 
 def _cache_folder() -> Path:

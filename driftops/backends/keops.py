@@ -129,9 +129,8 @@ def lse_and_mean(s: LazyTensor, values: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def top_logits(s: LazyTensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits of each row of ``s`` (N, k) and their columns (N, k) int64 (logit -inf: missing)."""
-    low, cols = (-s).Kmin_argKmin(K=k, dim=1)
-    missing = low.isinf()
-    return (-low).masked_fill(missing, -float("inf")), cols.masked_fill(missing, 0)
+    low, cols = (-s).Kmin_argKmin(K=k, dim=1)  # a missing entry keeps its initial value +inf
+    return -low, cols.masked_fill(low.isinf(), 0)
 
 
 class KeOpsBackend(Backend):
