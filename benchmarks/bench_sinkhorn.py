@@ -6,10 +6,10 @@ Implementations, each in a fresh process under the default environment:
   eps-annealing);
 * ``previous``: the solver of an earlier driftops commit (``--previous``; over-relaxation of the g half-step only,
   factor 1.6, one coarse level), imported from ``git archive`` of that commit;
-* ``driftops``: the default ``Sinkhorn()`` (both half-steps over-relaxed with an adaptive factor, coarse levels
+* ``overrelaxed``: ``Sinkhorn(newton=0)`` (both half-steps over-relaxed with an adaptive factor, coarse levels
   solved at the target eps);
-* ``newton``: ``Sinkhorn(newton=128)``, the same with a sparse Newton finish on the points (the 128 largest plan
-  entries of each row in its Hessian, more when they hold less than 75% of the plan's mass);
+* ``driftops``: the default ``Sinkhorn()``, in 2D the same with a sparse Newton finish on the points (the 128
+  largest plan entries of each row in its Hessian, more when they hold less than 75% of the plan's mass);
 * ``geomloss``: GeomLoss ``SamplesLoss(potentials=True)`` at the matching blur (scaling 0.9; multiscale in 2D), its
   potentials' marginal error measured as driftops measures its own;
 * ``dense20``: 20 alternating dense log-domain normalisations from zero potentials (the Sinkhorn-drifting paper's
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from common import ROOT, child_env, machine_info, print_machine, print_table, save
 
-IMPLS = ("plain", "previous", "driftops", "newton", "geomloss", "dense20")
+IMPLS = ("plain", "previous", "overrelaxed", "driftops", "geomloss", "dense20")
 DENSE_MAX = 20000
 
 
@@ -76,12 +76,12 @@ def child(impl: str, case: str, n: int, eps: float, tol: float, max_iter: int) -
 
     x, y = clouds(case, n)
     t0 = time.perf_counter()
-    if impl in ("plain", "driftops", "newton", "previous"):
+    if impl in ("plain", "overrelaxed", "driftops", "previous"):
         kw = dict(tol=tol, max_iter=max_iter)
         if impl == "plain":
             kw["solver"] = driftops.Sinkhorn(acceleration="none", multiscale=False)
-        if impl == "newton":
-            kw["solver"] = driftops.Sinkhorn(newton=128)
+        if impl == "overrelaxed":
+            kw["solver"] = driftops.Sinkhorn(newton=0)
         _, info = driftops.drift(x, y, eps, plan="sinkhorn", return_info=True, **kw)
         seconds = time.perf_counter() - t0
         cross, own = info.sinkhorn[eps]

@@ -21,8 +21,10 @@ infers the plain rate ρ = (λ + ω - 1)² / (λ ω²) (SOR theory; ρ = λ at �
 windows agree, raises ω to Young's optimum ``2 / (1 + sqrt(1 - ρ))`` (at most ``omega_max``). Every
 over-relaxed half-step is safeguarded per coordinate: the dual objective, concave and separable in f for
 fixed g, must not decrease; coordinates where ω would decrease it take the plain update (ω = 1), computed
-from the same log-sum-exp values. The self problem (x = y) uses the averaged symmetric update
-``f <- (f + T(f)) / 2``, which contracts at rate at most 1/2.
+from the same log-sum-exp values. On the points, where coarse levels apply (D <= 3, backends "auto" and
+"sparse"), the cross problem is finished by sparse Newton steps instead (``newton``, :func:`_iterate_newton`),
+which hand over to the over-relaxed iterations when a step stops halving the error. The self problem (x = y)
+uses the averaged symmetric update ``f <- (f + T(f)) / 2``, which contracts at rate at most 1/2.
 
 The stopping test is the L1 error of the column marginal when the row marginals are exact, checked on the
 points with an exact (un-relaxed) f; a solve whose error stops decreasing (float32 rounding at a tiny eps)
@@ -42,17 +44,22 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .backends import SPARSE_MAX_DIM, AutoBackend, SparseBackend
+from .backends import SPARSE_MAX_DIM, AutoBackend, Backend, SparseBackend
 from .backends.sparse import grid_labels
 from .costs import cost_power, eps_schedule, max_cost
 from .errors import DriftopsError
 from .parallel import Cloud, Comm, Geometry
 
 ACCELERATIONS = ("adaptive", "fixed", "none")
-# A Newton step whose kept plan entries hold less than this share of the plan's mass keeps 4x more entries per row
-# in the next ones, while the rows times the entries kept stay at most NEWTON_MAX_ENTRIES (~400 MB of indices and weights).
+# A Newton step keeps 4x more plan entries per row while those kept hold less than this share of the plan's mass and
+# the rows times the entries kept stay at most NEWTON_MAX_ENTRIES (~400 MB of indices and weights).
 NEWTON_MASS = 0.75
+# Plan entries per row a Newton finish starts from by default (Sinkhorn(newton=None)) where it applies.
+NEWTON_K = 128
 NEWTON_MAX_ENTRIES = 1 << 25
+# A Newton step of length t is taken when it lowers the marginal error by at least this share times t; a whole step
+# must halve it, which a step (~13 reductions with its top-k) does when it beats the over-relaxed iterations it replaces.
+NEWTON_DECREASE = 0.5
 # Conjugate-gradient iterations between two checks of the residual (each check is a host sync).
 CG_CHECK = 10
 # Cell sides of the coarse levels at the target temperature, in units of the finest side (kernel width / level_cells).
@@ -73,7 +80,9 @@ class Sinkhorn:
     1/level_shrink of the points of the next finer one; coarse_tol: coarse levels stop at tol * coarse_tol.
     newton: k > 0 finishes a cross problem on the points with Newton steps whose Hessian keeps the k largest plan
     entries of each row (:func:`_iterate_newton`; needs the column cloud held whole: not in "ring" or "mesh" modes,
-    which keep the over-relaxed iterations); 0: over-relaxed iterations throughout.
+    which keep the over-relaxed iterations); 0: over-relaxed iterations throughout; None (default): ``NEWTON_K``
+    where coarse levels apply (backends "auto" and "sparse", D <= 3; measured faster there), else 0 (in higher D
+    the top-k reduction costs more than the steps save).
     warm_accept: a warm start whose marginal error is below it is iterated directly, worse ones
     re-anneal from ``warm_restart * eps``. stall: iterations without a 1% improvement of the best
     marginal error after which a solve stops (its error cannot improve further, e.g. float32 rounding).
@@ -95,7 +104,7 @@ class Sinkhorn:
     warm_accept: float = 0.05
     warm_restart: float = 64.0
     stall: int = 500
-    newton: int = 0
+    newton: int | None = None
     progress: Callable[[SolveStatus], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,8 +119,8 @@ class Sinkhorn:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "an integer >= 1")
-        if isinstance(self.newton, bool) or not isinstance(self.newton, int) or self.newton < 0:
-            raise bad("newton", "an integer >= 0 (plan entries per row kept in the Newton Hessian; 0: no Newton steps)")
+        if self.newton is not None and (isinstance(self.newton, bool) or not isinstance(self.newton, int) or self.newton < 0):
+            raise bad("newton", "None (automatic), or an integer >= 0 (plan entries per row kept in the Newton Hessian; 0: no Newton steps)")
         if not 0 < self.annealing < 1:
             raise bad("annealing", "in (0, 1), e.g. 0.7")
         if self.acceleration not in ACCELERATIONS:
@@ -185,6 +194,20 @@ class Stage:
     tol: float | None
 
 
+def low_dim_path(backend: Backend, dim: int) -> bool:
+    """Whether a solve with ``backend`` in dimension ``dim`` gets coarse levels and, by default, a Newton finish:
+    backends "auto" and "sparse" (the block-sparse path) in D <= 3."""
+    return isinstance(backend, (AutoBackend, SparseBackend)) and dim <= SPARSE_MAX_DIM
+
+
+def newton_entries(solver: Sinkhorn, backend: Backend, dim: int) -> int:
+    """Plan entries per row a Newton finish starts from: ``solver.newton``, or when None ``NEWTON_K`` on the
+    low-dimensional path (:func:`low_dim_path`), else 0 (none)."""
+    if solver.newton is not None:
+        return solver.newton
+    return NEWTON_K if low_dim_path(backend, dim) else 0
+
+
 def level(cloud: Cloud, geom: Geometry, eps: float, solver: Sinkhorn, scale: float = 1.0) -> Cloud:
     """``cloud`` seen through grid cells of side ``scale * (kernel width at eps) / level_cells``: the (K, D) mass-weighted
     centroids of its non-empty cells with their masses as weights. Every rank of a sharded cloud builds the same
@@ -192,7 +215,7 @@ def level(cloud: Cloud, geom: Geometry, eps: float, solver: Sinkhorn, scale: flo
     points' ones). The cloud itself when the cells would not shrink it ``level_shrink`` times, in D > 3, with backends
     without coarse levels, or in ring and mesh modes (no ``cloud.full``)."""
     pts = cloud.full
-    if pts is None or not solver.multiscale or not isinstance(geom.backend, (AutoBackend, SparseBackend)) or pts.shape[1] > SPARSE_MAX_DIM:
+    if pts is None or not solver.multiscale or not low_dim_path(geom.backend, pts.shape[1]):
         return cloud
     width = math.sqrt(eps) if cost_power(geom.cost) == 2 else eps
     labels = grid_labels(pts, scale * width / solver.level_cells)
@@ -408,7 +431,7 @@ def _schur_solve(w: torch.Tensor, cols: torch.Tensor, r: torch.Tensor, c: torch.
     """(M,) solution v of ``(diag(c) - Pᵀ diag(1/r) P) v = rhs`` by conjugate gradients preconditioned with diag(c).
 
     P (n local rows, M): ``w`` (n, k) nonnegative entries at columns ``cols`` (n, k) int64 (the largest entries of
-    the plan's rows); r (n,) and c (M,) > 0: the row and column sums of the whole plan. Rows are split over ranks in
+    the plan's rows); r (n,) and c (M,) > 0: the row and column sums of P. Rows are split over ranks in
     "gather" mode: the products with Pᵀ are summed over ranks. Stops at a residual of ``rtol`` times the right-hand
     side's (checked every ``CG_CHECK`` products, the only host syncs), or after ``iters`` products.
     """
@@ -442,13 +465,17 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
     """Newton steps on g, rows kept exact (f = T(g)), to ``tol``: returns (f, g, error, iterations, stalled, k).
 
     Each step: the column pass gives the marginal error and the column sums c; a top-k reduction the k largest entries
-    of each row of the plan; conjugate gradients the Newton direction of the dual restricted to g (the Schur
-    complement ``diag(c) - Pᵀ diag(1/a) P`` of its Hessian, P truncated to those entries), scaled by eps. When the
-    kept entries hold less than ``NEWTON_MASS`` of the plan's mass, the next steps keep 4k (the rows times the
-    entries kept stay at most ``NEWTON_MAX_ENTRIES``): a truncated Hessian converges linearly, at a rate set by the
-    mass it misses.
-    The step is taken whole when it lowers the marginal error, else halved up to three times; when no length lowers
-    it, the over-relaxed iterations take over from there. Three reductions per accepted step.
+    of each row of the plan, k grown 4x (and the top-k taken again) while the kept entries hold less than
+    ``NEWTON_MASS`` of the plan's mass and the rows times the entries kept stay at most ``NEWTON_MAX_ENTRIES`` (a
+    truncated Hessian converges linearly, at a rate set by the mass it misses); conjugate gradients the Newton
+    direction of the dual restricted to g for the plan P truncated to those entries (the Schur complement
+    ``diag(c_P) - Pᵀ diag(1/r_P) P`` of its Hessian, r_P and c_P the row and column sums of P: a graph Laplacian
+    with the null vector 1 like the whole plan's; with the whole plan's sums instead, the mass it misses acts as a
+    spurious diagonal that damps the smooth error components, the slow ones, and Newton converged 4x slower),
+    scaled by eps; the right-hand side ``eps (b - c)`` is the whole plan's marginal error.
+    The step is taken whole when it at least halves the marginal error, else halved up to three times (a step of length
+    t must lower the error by the share ``NEWTON_DECREASE * t``); when no length does, Newton is not paying for its
+    top-k and the over-relaxed iterations take over from there. Three reductions and a top-k per accepted step.
     """
     p = _Progress(solver, status)
     k = max(1, min(k, NEWTON_MAX_ENTRIES // rows.n))
@@ -462,18 +489,22 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
         p.next()
         if p.stalled(err):
             return f, g, err, p.it, True, k
-        top, idx = geom.topk(rows, cols, log_b + g / eps, k)
-        w = torch.exp(log_a[:, None] + rows.local_part(f)[:, None] / eps + top)
-        if float(geom.comm.sum(w.sum())) < NEWTON_MASS and 4 * k * rows.n <= NEWTON_MAX_ENTRIES:
+        while True:
+            top, idx = geom.topk(rows, cols, log_b + g / eps, k)
+            w = torch.exp(log_a[:, None] + rows.local_part(f)[:, None] / eps + top)
+            if float(geom.comm.sum(w.sum())) >= NEWTON_MASS or 4 * k * rows.n > NEWTON_MAX_ENTRIES:
+                break
             k *= 4
         c = torch.exp(log_b + ((g - g_star) / eps).clamp(max=50.0))
-        step = _schur_solve(w, idx, a, c, eps * (b - c), geom.comm)
+        tiny = torch.finfo(w.dtype).tiny
+        kept_c = geom.comm.sum(torch.zeros_like(c).index_add_(0, idx.reshape(-1), w.reshape(-1)))
+        step = _schur_solve(w, idx, w.sum(1).clamp_min(tiny), kept_c.clamp_min(tiny), eps * (b - c), geom.comm)
         for t in (1.0, 0.5, 0.25, 0.125):
             g_t = g + t * step
             f_t = _update(geom, rows, cols, g_t, eps)
             g_star_t = _update(geom, cols, rows, f_t, eps)
             err_t = _error(log_b, g_t, g_star_t, eps)
-            if err_t < err:
+            if err_t <= (1.0 - NEWTON_DECREASE * t) * err:
                 f, g, g_star, err = f_t, g_t, g_star_t, err_t
                 break
         else:
@@ -521,7 +552,8 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     symmetric = dst is None
     top = max_cost(geom.cost, src.box(), (src if symmetric else dst).box())
     omega = _Omega(solver, warm_start.omega if warm_start is not None and solver.acceleration == "adaptive" else solver.omega)
-    newton = max(solver.newton, warm_start.newton) if solver.newton and warm_start is not None else solver.newton
+    newton = newton_entries(solver, geom.backend, src.local.shape[1])
+    newton = max(newton, warm_start.newton) if newton and warm_start is not None else newton
     warm = None if warm_start is None else _carry_over(warm_start, src, dst, geom)
     coarse_its = 0
     if warm is None:

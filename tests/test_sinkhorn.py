@@ -116,7 +116,7 @@ def test_coarse_to_fine_annealing_reaches_the_same_potentials(cost, symmetric):
     eps = 0.05 if cost == "sqeuclidean" else 0.1
     runs = {}
     for name in ("auto", "dense"):  # "auto" anneals on coarse levels, "dense" on the points
-        runs[name] = sinkhorn(src, dst, Geometry(eps, cost, driftops.backends.get_backend(name), comm), Sinkhorn(tol=1e-7, max_iter=20000))
+        runs[name] = sinkhorn(src, dst, Geometry(eps, cost, driftops.backends.get_backend(name), comm), Sinkhorn(tol=1e-8, max_iter=20000))
         assert runs[name].converged
     # Potentials are defined up to a constant shifted between f and g; their sum on the plan's support is not.
     shift = float((runs["auto"].f - runs["dense"].f).mean())
@@ -191,8 +191,8 @@ def test_newton_finish_on_the_block_sparse_path():
     x, y, src, dst, comm = uniform_and_cornered()
     geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), comm)
     newton = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=64))
-    plain = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6))
-    # 64 entries hold about 58% of a row's mass here (rows spread over hundreds of points): 256 are kept after the first step.
+    plain = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=0))
+    # 64 entries hold about 58% of a row's mass here (rows spread over hundreds of points): 256 are kept from the first step.
     assert newton.newton == 256 and plain.newton == 0
     assert sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=64), warm_start=newton).newton == 256  # carried over
     assert newton.converged and newton.iterations <= 10 and plain.iterations > 2 * newton.iterations, (newton.iterations, plain.iterations)
@@ -209,6 +209,35 @@ def test_newton_hands_over_to_overrelaxation_when_its_hessian_is_too_sparse():
     v, info = driftops.drift(x, y, 0.01, plan="sinkhorn", backend="dense", solver=Sinkhorn(tol=1e-8, newton=1), return_info=True)
     ref = driftops.drift(x, y, 0.01, plan="sinkhorn", backend="dense", solver=Sinkhorn(tol=1e-8))
     assert info.sinkhorn[0.01][0].converged and float((v - ref).abs().max()) < 1e-5
+
+
+def test_newton_finish_by_default_where_coarse_levels_apply():
+    x, y = pair(400, 300)
+
+    def used(d: int, **kw) -> int:
+        """Plan entries per row of the cross solve's last Newton step in dimension d (0: no Newton step)."""
+        xd, yd = x.repeat(1, 2)[:, :d], y.repeat(1, 2)[:, :d]
+        return driftops.drift(xd, yd, 0.05, plan="sinkhorn", return_info=True, **kw)[1].sinkhorn[0.05][0].newton
+
+    assert used(2) >= 128 and used(2, backend="sparse") >= 128 and used(1) >= 128
+    assert used(2, backend="keops") == used(4) == used(2, solver=Sinkhorn(newton=0)) == 0
+    assert used(4, solver=Sinkhorn(newton=16)) >= 16  # asked for: used in any dimension
+
+
+def test_newton_hands_over_when_its_steps_stop_halving_the_error(monkeypatch):
+    x, y = pair(400, 300, seed=3)
+    calls = []
+    solve = driftops.sinkhorn._schur_solve
+
+    def poor(*args, **kwargs):  # a direction that lowers the error by ~1% per step, as a stagnating truncated Hessian
+        calls.append(1)
+        return 0.01 * solve(*args, **kwargs)
+
+    monkeypatch.setattr(driftops.sinkhorn, "_schur_solve", poor)
+    v, info = driftops.drift(x, y, 0.01, plan="sinkhorn", backend="dense", solver=Sinkhorn(tol=1e-8, newton=64), return_info=True)
+    ref = driftops.drift(x, y, 0.01, plan="sinkhorn", backend="dense", solver=Sinkhorn(tol=1e-8))
+    # One step, refused at every length, then the over-relaxed iterations (accepting every 1% step would need ~2000).
+    assert len(calls) == 1 and info.sinkhorn[0.01][0].converged and float((v - ref).abs().max()) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["dense", "keops", "sparse"])

@@ -121,7 +121,11 @@ def test_auto_prefers_keops_on_cuda_and_sparse_on_cpu():
 
 
 def test_job_formulas_lists_masked_kernels_for_one_and_two_sided_only():
-    assert [(f.shape, f.masked) for f in job_formulas(3, plans=["sinkhorn"])] == [("lse", False), ("mean", False)]
+    # Sinkhorn in D <= 3 on the auto/sparse path: the default Newton finish's top-128 kernel too; elsewhere none.
+    assert [(f.shape, f.masked) for f in job_formulas(3, plans=["sinkhorn"])] == [("lse", False), ("mean", False), ("top128", False)]
+    assert [f.shape for f in job_formulas(3, plans=["sinkhorn"], backend="keops")] == ["lse", "mean"]
+    assert [f.shape for f in job_formulas(8, plans=["sinkhorn"])] == ["lse", "mean"]
+    assert [f.shape for f in job_formulas(2, plans=["sinkhorn"], newton=0)] == ["lse", "mean"]
     assert len(job_formulas(2, plans=["one_sided"], cost="euclidean", dtype=torch.float64)) == 4
     assert job_formulas(2, backend="dense") == []
     # The Newton finish's top-k kernel, unmasked, for Sinkhorn plans only.

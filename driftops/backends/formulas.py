@@ -87,10 +87,11 @@ def job_formulas(
     backend: str = "auto",
     device: torch.device | str = "cpu",
     grad: bool = False,
-    newton: int = 0,
+    newton: int | None = None,
 ) -> list[Formula]:
     """The formulas a job with these settings can compile (``grad``: gradients through the drift are needed; ``newton``:
-    the Newton finish's starting k, whose top-k kernel is listed for Sinkhorn plans; the larger k it may grow to are not).
+    the Newton finish's starting k as in :class:`driftops.Sinkhorn` (None: its default for this backend and dimension),
+    whose top-k kernel is listed for Sinkhorn plans; the larger k it may grow to are not).
 
     The path follows :class:`driftops.backends.AutoBackend`: block-sparse on CPU for D <= 3 without gradients,
     dense-lazy otherwise; the ``"dense"`` backend needs none. Masked variants only for one- and two-sided plans.
@@ -110,6 +111,10 @@ def job_formulas(
         raise DriftopsError(f"unknown backend {backend!r}; pass 'auto', 'keops', 'sparse' or 'dense'")
     masks = [False] + ([True] if set(plans) - {"sinkhorn"} else [])
     out = [Formula(shape, cost, masked, sparse, dim, dtype, device) for masked in masks for shape in SHAPES]
+    if newton is None:
+        from ..sinkhorn import NEWTON_K
+
+        newton = NEWTON_K if backend in ("auto", "sparse") and dim <= SPARSE_MAX_DIM else 0
     if newton and "sinkhorn" in plans:
         out.append(Formula(f"top{newton}", cost, False, sparse, dim, dtype, device))
     return out

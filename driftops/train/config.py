@@ -43,7 +43,7 @@ class TrainConfig:
     sinkhorn_tol: float = 1e-3
     sinkhorn_iters: int = 1000
     sinkhorn_acceleration: str = "adaptive"
-    sinkhorn_newton: int = 0
+    sinkhorn_newton: int | None = None
     sinkhorn_warm: bool = False
     steps: int = 2000
     batch: int = 1024
