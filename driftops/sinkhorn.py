@@ -51,8 +51,8 @@ from .errors import DriftopsError
 from .parallel import Cloud, Comm, Geometry
 
 ACCELERATIONS = ("adaptive", "fixed", "none")
-# A Newton step keeps 4x more plan entries per row while those kept hold less than this share of the plan's mass and
-# the rows times the entries kept stay at most NEWTON_MAX_ENTRIES (~400 MB of indices and weights).
+# Newton steps need the kept plan entries to hold at least this share of the plan's mass, and keep at most
+# NEWTON_MAX_ENTRIES entries in all (~400 MB of indices and weights).
 NEWTON_MASS = 0.75
 # Plan entries per row a Newton finish starts from by default (Sinkhorn(newton=None)) where it applies.
 NEWTON_K = 128
@@ -81,8 +81,9 @@ class Sinkhorn:
     newton: k > 0 finishes a cross problem on the points with Newton steps whose Hessian keeps the k largest plan
     entries of each row (:func:`_iterate_newton`; needs the column cloud held whole: not in "ring" or "mesh" modes,
     which keep the over-relaxed iterations); 0: over-relaxed iterations throughout; None (default): ``NEWTON_K``
-    where coarse levels apply (backends "auto" and "sparse", D <= 3; measured faster there), else 0 (in higher D
-    the top-k reduction costs more than the steps save).
+    where coarse levels apply (backends "auto" and "sparse", D <= 3; measured faster there) and a kernel covers few
+    enough points for k entries to hold most of a row (low eps; :func:`newton_entries`), else 0 (at larger eps and
+    in higher D the top-k reduction costs more than the steps save).
     warm_accept: a warm start whose marginal error is below it is iterated directly, worse ones
     re-anneal from ``warm_restart * eps``. stall: iterations without a 1% improvement of the best
     marginal error after which a solve stops (its error cannot improve further, e.g. float32 rounding).
@@ -153,7 +154,7 @@ class SinkhornResult:
     the column marginal when rows are exact; ``omega``: the last over-relaxation factor (carried over by warm
     starts); ``support``: the (source, destination) clouds the potentials live on (None for a self problem's
     destination), used to carry the potentials over to new points; ``newton``: plan entries per row kept by the
-    last Newton step (0: none; carried over by warm starts).
+    Newton steps (0: none taken).
     """
 
     f: torch.Tensor
@@ -200,12 +201,27 @@ def low_dim_path(backend: Backend, dim: int) -> bool:
     return isinstance(backend, (AutoBackend, SparseBackend)) and dim <= SPARSE_MAX_DIM
 
 
-def newton_entries(solver: Sinkhorn, backend: Backend, dim: int) -> int:
-    """Plan entries per row a Newton finish starts from: ``solver.newton``, or when None ``NEWTON_K`` on the
-    low-dimensional path (:func:`low_dim_path`), else 0 (none)."""
-    if solver.newton is not None:
-        return solver.newton
-    return NEWTON_K if low_dim_path(backend, dim) else 0
+def newton_entries(solver: Sinkhorn, geom: Geometry, cols: Cloud | None) -> int:
+    """Plan entries per row of a Newton finish against ``cols`` (None: the self problem, which has none):
+    ``solver.newton``, or when None ``NEWTON_K`` on the low-dimensional path (:func:`low_dim_path`) where a kernel
+    holds few enough columns (:func:`kernel_points`) for k entries to hold ``NEWTON_MASS`` of a row's mass, else 0."""
+    if cols is None or solver.newton is not None:
+        return 0 if cols is None else solver.newton
+    if cols.full is None or not low_dim_path(geom.backend, cols.full.shape[1]):
+        return 0
+    return NEWTON_K if kernel_points(cols, geom) * math.log(1.0 / (1.0 - NEWTON_MASS)) <= NEWTON_K else 0
+
+
+def kernel_points(cloud: Cloud, geom: Geometry) -> float:
+    """The mass-weighted mean number of points of ``cloud`` (held whole) under one kernel ``exp(-c/eps)``: points per
+    grid cell of the kernel's width, times the kernel's integral in cells (pi^(D/2) Gaussian, D! V_D Laplacian). A
+    2D row spread like the kernel over n points holds the share 1 - exp(-k/n) of its mass in its k largest entries."""
+    pts, dim, p = cloud.full, cloud.full.shape[1], cost_power(geom.cost)
+    labels = grid_labels(pts, math.sqrt(geom.eps) if p == 2 else geom.eps)
+    mass = cloud.log_marginal().exp()
+    per_cell = torch.zeros(int(labels.max()) + 1, dtype=mass.dtype, device=mass.device).index_add_(0, labels, mass)
+    volume = math.pi ** (dim / 2) * (1.0 if p == 2 else math.gamma(dim + 1) / math.gamma(dim / 2 + 1))
+    return volume * float((per_cell * torch.bincount(labels).to(mass.dtype)).sum() / per_cell.sum())
 
 
 def level(cloud: Cloud, geom: Geometry, eps: float, solver: Sinkhorn, scale: float = 1.0) -> Cloud:
@@ -462,39 +478,37 @@ def _schur_solve(w: torch.Tensor, cols: torch.Tensor, r: torch.Tensor, c: torch.
 
 
 def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, eps: float, tol: float, solver: Sinkhorn, omega: _Omega, k: int, status: SolveStatus | None):
-    """Newton steps on g, rows kept exact (f = T(g)), to ``tol``: returns (f, g, error, iterations, stalled, k).
+    """Newton steps on g, rows kept exact (f = T(g)), to ``tol``: returns (f, g, error, iterations, stalled, k), k 0
+    when no Newton step was taken.
 
     Each step: the column pass gives the marginal error and the column sums c; a top-k reduction the k largest entries
-    of each row of the plan, k grown 4x (and the top-k taken again) while the kept entries hold less than
-    ``NEWTON_MASS`` of the plan's mass and the rows times the entries kept stay at most ``NEWTON_MAX_ENTRIES`` (a
-    truncated Hessian converges linearly, at a rate set by the mass it misses); conjugate gradients the Newton
-    direction of the dual restricted to g for the plan P truncated to those entries (the Schur complement
-    ``diag(c_P) - Pᵀ diag(1/r_P) P`` of its Hessian, r_P and c_P the row and column sums of P: a graph Laplacian
-    with the null vector 1 like the whole plan's; with the whole plan's sums instead, the mass it misses acts as a
-    spurious diagonal that damps the smooth error components, the slow ones, and Newton converged 4x slower),
-    scaled by eps; the right-hand side ``eps (b - c)`` is the whole plan's marginal error.
+    of each row of the plan; conjugate gradients the Newton direction of the dual restricted to g for the plan P
+    truncated to those entries (the Schur complement ``diag(c_P) - Pᵀ diag(1/r_P) P`` of its Hessian, r_P and c_P the
+    row and column sums of P: a graph Laplacian with the null vector 1 like the whole plan's; with the whole plan's
+    sums instead, the mass P misses acts as a spurious diagonal that damps the smooth error components, the slow
+    ones, and Newton converged 4x slower), scaled by eps; the right-hand side ``eps (b - c)`` is the whole plan's.
     The step is taken whole when it at least halves the marginal error, else halved up to three times (a step of length
-    t must lower the error by the share ``NEWTON_DECREASE * t``); when no length does, Newton is not paying for its
-    top-k and the over-relaxed iterations take over from there. Three reductions and a top-k per accepted step.
+    t must lower the error by the share ``NEWTON_DECREASE * t``). When no length does, or when the kept entries hold
+    less than ``NEWTON_MASS`` of the plan's mass (a spread plan: the truncated Hessian misjudges the step, and the
+    over-relaxed iterations converge fast there), Newton is not paying for its top-k and the over-relaxed iterations
+    take over from there. k is at most ``NEWTON_MAX_ENTRIES`` / rows. Three reductions and a top-k per accepted step.
     """
     p = _Progress(solver, status)
     k = max(1, min(k, NEWTON_MAX_ENTRIES // rows.n))
     log_b = cols.log_marginal()
     log_a = rows.local_part(rows.log_marginal())
-    a, b = log_a.exp(), log_b.exp()
+    b = log_b.exp()
     f = _update(geom, rows, cols, g, eps)
     g_star = _update(geom, cols, rows, f, eps)
-    err = _error(log_b, g, g_star, eps)
+    err, steps = _error(log_b, g, g_star, eps), 0
     while err >= tol and p.it < solver.max_iter:
         p.next()
         if p.stalled(err):
-            return f, g, err, p.it, True, k
-        while True:
-            top, idx = geom.topk(rows, cols, log_b + g / eps, k)
-            w = torch.exp(log_a[:, None] + rows.local_part(f)[:, None] / eps + top)
-            if float(geom.comm.sum(w.sum())) >= NEWTON_MASS or 4 * k * rows.n > NEWTON_MAX_ENTRIES:
-                break
-            k *= 4
+            return f, g, err, p.it, True, k if steps else 0
+        top, idx = geom.topk(rows, cols, log_b + g / eps, k)
+        w = torch.exp(log_a[:, None] + rows.local_part(f)[:, None] / eps + top)
+        if float(geom.comm.sum(w.sum())) < NEWTON_MASS:
+            break  # a plan spread over more than k entries per row: the over-relaxed iterations converge fast there
         c = torch.exp(log_b + ((g - g_star) / eps).clamp(max=50.0))
         tiny = torch.finfo(w.dtype).tiny
         kept_c = geom.comm.sum(torch.zeros_like(c).index_add_(0, idx.reshape(-1), w.reshape(-1)))
@@ -506,12 +520,15 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
             err_t = _error(log_b, g_t, g_star_t, eps)
             if err_t <= (1.0 - NEWTON_DECREASE * t) * err:
                 f, g, g_star, err = f_t, g_t, g_star_t, err_t
+                steps += 1
                 break
         else:
-            rest = replace(solver, max_iter=max(1, solver.max_iter - p.it))
-            f, g, err, its, stalled = _iterate_cross(geom, rows, cols, g, eps, tol, rest, omega, status)
-            return f, g, err, p.it + its, stalled, k
-    return f, g, err, p.it, False, k
+            break
+    else:
+        return f, g, err, p.it, False, k if steps else 0
+    rest = replace(solver, max_iter=max(1, solver.max_iter - p.it))
+    f, g, err, its, stalled = _iterate_cross(geom, rows, cols, g, eps, tol, rest, omega, status)
+    return f, g, err, p.it + its, stalled, k if steps else 0
 
 
 def _resolution(f: torch.Tensor, g: torch.Tensor, eps: float) -> float:
@@ -552,8 +569,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     symmetric = dst is None
     top = max_cost(geom.cost, src.box(), (src if symmetric else dst).box())
     omega = _Omega(solver, warm_start.omega if warm_start is not None and solver.acceleration == "adaptive" else solver.omega)
-    newton = newton_entries(solver, geom.backend, src.local.shape[1])
-    newton = max(newton, warm_start.newton) if newton and warm_start is not None else newton
+    newton = newton_entries(solver, geom, dst)
     warm = None if warm_start is None else _carry_over(warm_start, src, dst, geom)
     coarse_its = 0
     if warm is None:

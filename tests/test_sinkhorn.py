@@ -14,7 +14,7 @@ from driftops.errors import DriftopsError
 from driftops.parallel import Cloud, Comm
 from driftops.plans import Geometry
 from driftops.costs import max_cost
-from driftops.sinkhorn import ACCELERATIONS, Sinkhorn, SolveStatus, level, relax, sinkhorn, stages
+from driftops.sinkhorn import ACCELERATIONS, Sinkhorn, SolveStatus, kernel_points, level, relax, sinkhorn, stages
 
 import reference
 
@@ -190,11 +190,11 @@ def test_newton_finish_reaches_the_dense_reference(n, m, d, eps):
 def test_newton_finish_on_the_block_sparse_path():
     x, y, src, dst, comm = uniform_and_cornered()
     geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), comm)
-    newton = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=64))
+    newton = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=256))
     plain = sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=0))
-    # 64 entries hold about 58% of a row's mass here (rows spread over hundreds of points): 256 are kept from the first step.
     assert newton.newton == 256 and plain.newton == 0
-    assert sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=64), warm_start=newton).newton == 256  # carried over
+    # 64 entries hold about 58% of a row's mass here (rows spread over hundreds of points): no Newton step is taken.
+    assert sinkhorn(src, dst, geom, Sinkhorn(tol=1e-6, newton=64)).newton == 0
     assert newton.converged and newton.iterations <= 10 and plain.iterations > 2 * newton.iterations, (newton.iterations, plain.iterations)
     rows, cols = marginal_errors(x, y, newton, 0.01)
     assert rows < 1e-10 and cols < 1e-6
@@ -222,6 +222,17 @@ def test_newton_finish_by_default_where_coarse_levels_apply():
     assert used(2) >= 128 and used(2, backend="sparse") >= 128 and used(1) >= 128
     assert used(2, backend="keops") == used(4) == used(2, solver=Sinkhorn(newton=0)) == 0
     assert used(4, solver=Sinkhorn(newton=16)) >= 16  # asked for: used in any dimension
+    # At a large eps each row spreads over most of the 300 columns: 128 entries would miss much of it, no Newton.
+    xs, ys = pair(400, 300)
+    assert driftops.drift(xs, ys, 5.0, plan="sinkhorn", return_info=True)[1].sinkhorn[5.0][0].newton == 0
+
+
+def test_kernel_points_of_a_lattice():
+    # 64 x 64 points 1/64 apart, kernel width sqrt(eps) = 1/16: 16 points per cell of the kernel's width.
+    grid = torch.stack(torch.meshgrid(*[torch.arange(64, dtype=torch.float64) / 64] * 2, indexing="ij"), -1).reshape(-1, 2)
+    cloud = Cloud.split(grid, Comm())
+    assert kernel_points(cloud, Geometry(1 / 256, "sqeuclidean", driftops.backends.AutoBackend(), Comm())) == pytest.approx(16 * math.pi)
+    assert kernel_points(cloud, Geometry(1 / 16, "euclidean", driftops.backends.AutoBackend(), Comm())) == pytest.approx(32 * math.pi)
 
 
 def test_newton_hands_over_when_its_steps_stop_halving_the_error(monkeypatch):
