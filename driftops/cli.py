@@ -91,7 +91,7 @@ def _add_flow(sub) -> None:
     p.add_argument("--tol", type=positive_float, default=DEMO["tol"], help="Sinkhorn L1 marginal error at which to stop")
     p.add_argument("--max-iter", type=positive_int, default=DEMO["max_iter"], help="Sinkhorn iterations per step at most (a safety net)")
     p.add_argument("--acceleration", choices=ACCELERATIONS, default="adaptive", help="Sinkhorn over-relaxation (see driftops.Sinkhorn)")
-    p.add_argument("--newton", type=int, default=None, help="plan entries per row of a sparse Newton finish of Sinkhorn (0: none; default: 128 for backends auto and sparse in D <= 3, else none; see driftops.Sinkhorn)")
+    p.add_argument("--newton", type=int, default=None, help="plan entries per row of a sparse Newton finish of Sinkhorn (0: none; default: 128 at low eps for backends auto and sparse in D <= 3, else none; see driftops.Sinkhorn)")
     p.add_argument("--snapshot-every", type=positive_int, default=None, help="steps between snapshots (default: about 50 snapshots)")
     p.add_argument("--metric-every", type=positive_int, default=None, help="steps between W2^2 estimates (default: about 10 of them)")
     p.add_argument("--out", default="runs/flow", help="output folder")

@@ -22,8 +22,9 @@ windows agree, raises ω to Young's optimum ``2 / (1 + sqrt(1 - ρ))`` (at most 
 over-relaxed half-step is safeguarded per coordinate: the dual objective, concave and separable in f for
 fixed g, must not decrease; coordinates where ω would decrease it take the plain update (ω = 1), computed
 from the same log-sum-exp values. On the points, where coarse levels apply (D <= 3, backends "auto" and
-"sparse"), the cross problem is finished by sparse Newton steps instead (``newton``, :func:`_iterate_newton`),
-which hand over to the over-relaxed iterations when a step stops halving the error. The self problem (x = y)
+"sparse") and eps is low (:func:`newton_entries`), the cross problem is finished by sparse Newton steps instead
+(``newton``, :func:`_iterate_newton`), which hand over to the over-relaxed iterations when a step stops halving
+the error. The self problem (x = y)
 uses the averaged symmetric update ``f <- (f + T(f)) / 2``, which contracts at rate at most 1/2.
 
 The stopping test is the L1 error of the column marginal when the row marginals are exact, checked on the
@@ -523,9 +524,9 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
                 steps += 1
                 break
         else:
-            break
+            break  # no length halves the error: Newton is not paying for its top-k
     else:
-        return f, g, err, p.it, False, k if steps else 0
+        return f, g, err, p.it, False, k if steps else 0  # converged (or out of iterations) by Newton steps alone
     rest = replace(solver, max_iter=max(1, solver.max_iter - p.it))
     f, g, err, its, stalled = _iterate_cross(geom, rows, cols, g, eps, tol, rest, omega, status)
     return f, g, err, p.it + its, stalled, k if steps else 0

@@ -8,10 +8,9 @@ euclidean cost):
 * ``"mean"``: ``Max_SumShiftExpWeight`` with weights ``[1, values]`` (softmax-weighted mean; log-sum-exp and mean in one
   pass, the same formula as KeOps's ``sumsoftmaxweight``).
 
-The Newton finish of Sinkhorn (``Sinkhorn(newton=k)``, off by default) adds a third shape, ``KMin_ArgKMin`` of the
-negated logits (the k largest logits of each row and their columns), one kernel per k and path: the warm-up lists the
-starting k when a job asks for it (``job_formulas(newton=k)``); the larger k it grows to (4x while the kept entries
-hold too little of the plan's mass) compile at their first use.
+The Newton finish of Sinkhorn (``Sinkhorn(newton=k)``; by default k = 128 at low eps in D <= 3 on the "auto" and
+"sparse" backends) adds a third shape, ``KMin_ArgKMin`` of the negated logits (the k largest logits of each row and
+their columns), one kernel per k and path, listed for the Sinkhorn plan (``job_formulas(newton=...)``).
 
 ``-1/eps`` is a parameter and the column log-weights always a variable (zeros when absent), so no temperature,
 weight or offset is compiled in. The variants are: the cost (2), the self mask (the pair ``(i, diag_i)``
@@ -90,8 +89,8 @@ def job_formulas(
     newton: int | None = None,
 ) -> list[Formula]:
     """The formulas a job with these settings can compile (``grad``: gradients through the drift are needed; ``newton``:
-    the Newton finish's starting k as in :class:`driftops.Sinkhorn` (None: its default for this backend and dimension),
-    whose top-k kernel is listed for Sinkhorn plans; the larger k it may grow to are not).
+    the Newton finish's k as in :class:`driftops.Sinkhorn` (None: its default for this backend and dimension, at low
+    eps), whose top-k kernel is listed for Sinkhorn plans).
 
     The path follows :class:`driftops.backends.AutoBackend`: block-sparse on CPU for D <= 3 without gradients,
     dense-lazy otherwise; the ``"dense"`` backend needs none. Masked variants only for one- and two-sided plans.

@@ -37,7 +37,7 @@ HELP = {
     "sinkhorn_tol": "Sinkhorn stopping tolerance (L1 marginal error)",
     "sinkhorn_iters": "Sinkhorn iteration cap (20 in the Sinkhorn-drifting paper)",
     "sinkhorn_acceleration": "Sinkhorn over-relaxation: adaptive, fixed or none (see driftops.Sinkhorn)",
-    "sinkhorn_newton": "plan entries per row of a sparse Newton finish of Sinkhorn on the points (0: none; None: 128 for backends auto and sparse in D <= 3, else none; see driftops.Sinkhorn)",
+    "sinkhorn_newton": "plan entries per row of a sparse Newton finish of Sinkhorn on the points (0: none; None: 128 at low eps for backends auto and sparse in D <= 3, else none; see driftops.Sinkhorn)",
     "sinkhorn_warm": "start each round's Sinkhorn solve from the previous round's potentials carried to the new points "
     "(measured slower than a cold multiscale start at batch 1024: off by default)",
     "steps": "optimiser steps",
