@@ -8,8 +8,8 @@ Implementations, each in a fresh process under the default environment:
   factor 1.6, one coarse level), imported from ``git archive`` of that commit;
 * ``overrelaxed``: ``Sinkhorn(newton=0)`` (both half-steps over-relaxed with an adaptive factor, coarse levels
   solved at the target eps);
-* ``driftops``: the default ``Sinkhorn()``, in 2D the same with a sparse Newton finish on the points (the 128
-  largest plan entries of each row in its Hessian, more when they hold less than 75% of the plan's mass);
+* ``driftops``: the default ``Sinkhorn()``, in 2D at low eps the same with a sparse Newton finish on the points (the
+  128 largest plan entries of each row in its Hessian; none where a kernel covers too many points for them);
 * ``geomloss``: GeomLoss ``SamplesLoss(potentials=True)`` at the matching blur (scaling 0.9; multiscale in 2D), its
   potentials' marginal error measured as driftops measures its own;
 * ``dense20``: 20 alternating dense log-domain normalisations from zero potentials (the Sinkhorn-drifting paper's

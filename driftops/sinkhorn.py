@@ -24,8 +24,8 @@ fixed g, must not decrease; coordinates where ω would decrease it take the plai
 from the same log-sum-exp values. On the points, where coarse levels apply (D <= 3, backends "auto" and
 "sparse") and eps is low (:func:`newton_entries`), the cross problem is finished by sparse Newton steps instead
 (``newton``, :func:`_iterate_newton`), which hand over to the over-relaxed iterations when a step stops halving
-the error. The self problem (x = y)
-uses the averaged symmetric update ``f <- (f + T(f)) / 2``, which contracts at rate at most 1/2.
+the error. The self problem (x = y) uses the averaged symmetric update ``f <- (f + T(f)) / 2``, which contracts at
+rate at most 1/2.
 
 The stopping test is the L1 error of the column marginal when the row marginals are exact, checked on the
 points with an exact (un-relaxed) f; a solve whose error stops decreasing (float32 rounding at a tiny eps)
@@ -206,8 +206,10 @@ def newton_entries(solver: Sinkhorn, geom: Geometry, cols: Cloud | None) -> int:
     """Plan entries per row of a Newton finish against ``cols`` (None: the self problem, which has none):
     ``solver.newton``, or when None ``NEWTON_K`` on the low-dimensional path (:func:`low_dim_path`) where a kernel
     holds few enough columns (:func:`kernel_points`) for k entries to hold ``NEWTON_MASS`` of a row's mass, else 0."""
-    if cols is None or solver.newton is not None:
-        return 0 if cols is None else solver.newton
+    if cols is None:
+        return 0
+    if solver.newton is not None:
+        return solver.newton
     if cols.full is None or not low_dim_path(geom.backend, cols.full.shape[1]):
         return 0
     return NEWTON_K if kernel_points(cols, geom) * math.log(1.0 / (1.0 - NEWTON_MASS)) <= NEWTON_K else 0
