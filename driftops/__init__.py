@@ -15,7 +15,7 @@ Threads and compilation: ``driftops.set_threads(n)``, ``driftops.warmup()``.
 
 from . import threads
 
-threads.import_torch()  # first: torch's OpenMP runtime reads its wait policy when it loads (see driftops.threads)
+threads.import_torch()  # first: torch's OpenMP runtime reads its spin count when it loads (see driftops.threads)
 
 from . import backends  # noqa: E402  (before geomloss: pykeops is imported quietly there)
 from . import data, metrics, models  # noqa: E402

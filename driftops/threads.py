@@ -1,29 +1,36 @@
-"""OpenMP settings that keep KeOps fast on a machine shared with other work.
+"""OpenMP settings that keep KeOps fast, alone on a machine or beside other work.
 
 torch and KeOps's compiled CPU reductions share one OpenMP runtime: the formulas ask for
 ``libgomp.so.1``, which the dynamic loader resolves to the copy torch loaded first (same soname).
-libgomp reads its wait policy once, when it loads (at ``import torch``): by default a worker that
-finishes its share of a parallel region spins up to ``GOMP_SPINCOUNT`` = 300,000 times (about
-3 ms) before it sleeps. The block-sparse reductions open one parallel region per row cluster,
-hundreds per call; when another process holds a core, a region's end waits for a descheduled
-worker while its partner spins on the core that worker needs, and so on for every region (an
-8192-point drift: 0.2 s alone, 0.6 s beside one busy process, 6.4 s each for two driftops
-processes at once). With the passive policy idle workers sleep at once (a futex wait) and give
-their core back.
+libgomp reads its wait policy once, when it loads (at ``import torch``). The block-sparse reductions
+open one parallel region per row cluster, hundreds per call, and two waits decide their speed:
+
+* by default a worker that finishes its share spins up to ``GOMP_SPINCOUNT`` = 300,000 times (about
+  3 ms) before it sleeps: when another process holds a core, a region's end waits for a descheduled
+  worker while its partner spins on the core that worker needs (an 8192-point drift: 0.2 s alone,
+  6.4 s each for two driftops processes at once);
+* with no spinning at all (``OMP_WAIT_POLICY=PASSIVE``) every region wakes its workers from a futex
+  sleep, ~50 us each: an 8192-point Sinkhorn solve at eps 0.01 took 3.1 s against 1.8 s spinning 1000
+  times, slower than one thread (2.9 s).
 
 So, at ``import driftops`` (when torch is not imported yet, and the user set neither
-``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``), driftops imports torch with
-``OMP_WAIT_POLICY=PASSIVE`` in the environment and restores the environment right after:
-subprocesses see the user's settings; the policy lives in this process's runtime.
+``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``), driftops imports torch with ``GOMP_SPINCOUNT=1000``
+(``SPIN_COUNT``: ~10 us, longer than the gap between two regions, far shorter than a time slice) in the
+environment and restores the environment right after: subprocesses see the user's settings.
 
-When torch was imported first (the runtime already spins), driftops's reductions run on one
-long-lived thread of their own instead of the caller's. That thread gets its own OpenMP team, so the
-runtime manages more threads than there are cores, and libgomp then spins at most 100 times before
+Spinning still costs when other processes keep cores busy, so each reduction on the CPU runs on torch's
+thread count less the cores that other processes (and the hypervisor's steal) kept busy over the last
+quarter second (:class:`OtherLoad`, from ``/proc/stat`` and this process's CPU time), at least one: two
+driftops processes settle on one thread each, no barrier waits on a descheduled partner.
+
+When torch was imported first (the runtime already spins 300,000 times), driftops's reductions run on
+one long-lived thread of their own instead of the caller's. That thread gets its own OpenMP team, so
+the runtime manages more threads than there are cores, and libgomp then spins at most 100 times before
 sleeping (GOMP_SPINCOUNT's documented throttle) for every wait, the caller's team included.
 
-The number of threads is left alone (torch's count, one per usable core, which KeOps shares
-since the runtime is shared; the reduction thread is given the caller's count), so a larger
-machine still uses all its cores; :func:`set_threads` overrides it for driftops's reductions only,
+On an idle machine the count is torch's (one per usable core, which KeOps shares since the runtime is
+shared; the reduction thread is given the caller's count), so a larger machine still uses all its
+cores; :func:`set_threads` fixes the count of driftops's reductions (no adaptation to the load),
 restoring the caller's setting after each call.
 """
 
@@ -36,6 +43,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +53,10 @@ from .errors import DriftopsError
 
 # Variables that already choose libgomp's waiting behaviour: when one is set, driftops leaves it alone.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# Spins of a worker waiting for the next region before it sleeps (libgomp's default: 300,000).
+SPIN_COUNT = 1000
+# Seconds between two measurements of the other processes' load.
+LOAD_INTERVAL = 0.25
 T = TypeVar("T")
 
 
@@ -52,13 +64,13 @@ T = TypeVar("T")
 class ThreadSettings:
     """What driftops did to the OpenMP runtime.
 
-    wait_policy: the policy driftops set at torch's import ("PASSIVE"), or None when it could not
-    (torch was imported first) or should not (the user chose one); own_thread: reductions run on a
+    spin_count: the ``GOMP_SPINCOUNT`` driftops set at torch's import, or None when it could not
+    (torch was imported first) or should not (the user chose a policy); own_thread: reductions run on a
     thread of their own (torch was imported first and the user chose no policy); threads: the thread
-    count of driftops's calls, or None for torch's current setting.
+    count of :func:`set_threads`, or None for torch's count less the cores other processes keep busy.
     """
 
-    wait_policy: str | None = None
+    spin_count: int | None = None
     own_thread: bool = False
     threads: int | None = None
 
@@ -67,7 +79,7 @@ _settings = ThreadSettings()
 
 
 def import_torch() -> None:
-    """Import torch with the passive wait policy for its OpenMP runtime (see the module docstring)."""
+    """Import torch with ``GOMP_SPINCOUNT=SPIN_COUNT`` for its OpenMP runtime (see the module docstring)."""
     global _settings
     if any(v in os.environ for v in WAIT_VARIABLES):
         import torch  # noqa: F401
@@ -76,12 +88,64 @@ def import_torch() -> None:
     if "torch" in sys.modules:
         _settings = replace(_settings, own_thread=True)
         return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     try:
         import torch  # noqa: F401
     finally:
-        del os.environ["OMP_WAIT_POLICY"]
-    _settings = replace(_settings, wait_policy="PASSIVE")
+        del os.environ["GOMP_SPINCOUNT"]
+    _settings = replace(_settings, spin_count=SPIN_COUNT)
+
+
+class OtherLoad:
+    """The number of cores other processes kept busy, averaged over the last ``LOAD_INTERVAL`` seconds or more:
+    all CPUs' busy time in ``/proc/stat`` (steal included) less this process's own CPU time, per second of wall
+    time; re-measured at most every ``LOAD_INTERVAL``; 0 before the second measurement or without ``/proc/stat``."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, float, float] | None = None
+        self.cores = 0.0
+
+    def __call__(self) -> float:
+        now = time.monotonic()
+        if self.last is not None and now - self.last[0] < LOAD_INTERVAL:
+            return self.cores
+        sample = self.sample(now)
+        if sample is not None and self.last is not None:
+            wall, busy, own = (a - b for a, b in zip(sample, self.last))
+            self.cores = max(0.0, (busy - own) / wall)
+        self.last = sample
+        return self.cores
+
+    @staticmethod
+    def sample(now: float) -> tuple[float, float, float] | None:
+        """(now, busy seconds of all CPUs, this process's CPU seconds), or None without ``/proc/stat``."""
+        try:
+            ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        # user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+        return now, (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+other_load = OtherLoad()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def reduction_threads(cpu: bool) -> int | None:
+    """The thread count of a reduction (``cpu``: of CPU tensors): :func:`set_threads`'s, else on the CPU torch's
+    count less the cores other processes keep busy (rounded, at least 1); None: torch's count, unchanged."""
+    if _settings.threads is not None or not cpu:
+        return _settings.threads
+    import torch
+
+    n = torch.get_num_threads()
+    free = max(1, usable_cores() - round(other_load()))
+    return free if free < n else None
 
 
 def settings() -> dict:
@@ -91,8 +155,8 @@ def settings() -> dict:
 
     runtimes = {Path(lib._name).name: lib.omp_get_max_threads() for lib in openmp_runtimes()}
     return {
-        "wait_policy": _settings.wait_policy, "own_thread": _settings.own_thread, "threads": _settings.threads,
-        "torch_threads": torch.get_num_threads(), "openmp_max_threads": runtimes,
+        "spin_count": _settings.spin_count, "own_thread": _settings.own_thread, "threads": _settings.threads,
+        "other_load": round(other_load.cores, 2), "torch_threads": torch.get_num_threads(), "openmp_max_threads": runtimes,
     }  # fmt: skip
 
 
@@ -111,10 +175,11 @@ def openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
 
 
 def set_threads(n: int | None) -> None:
-    """Run driftops's reductions (torch and KeOps) on ``n`` threads; ``None`` restores torch's setting.
+    """Run driftops's reductions (torch and KeOps) on ``n`` threads; ``None`` restores the default.
 
     The caller's own thread count is restored after every driftops call, so this only affects
-    driftops. By default driftops uses torch's count (one thread per usable core).
+    driftops. By default driftops uses torch's count (one thread per usable core) less the cores other
+    processes keep busy (module docstring).
     """
     global _settings
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -123,16 +188,16 @@ def set_threads(n: int | None) -> None:
 
 
 def call(fn: Callable[[], T], cpu: bool = True) -> T:
-    """``fn()`` (a reduction; ``cpu``: of CPU tensors) under driftops's thread settings: with the count of
-    :func:`set_threads` when one is set, on the reduction thread when the runtime could not be made passive
-    (module docstring) and the tensors are on the CPU (GPU work stays on the caller's thread, whose current
-    device and stream it uses); the caller's thread counts are unchanged afterwards."""
+    """``fn()`` (a reduction; ``cpu``: of CPU tensors) on :func:`reduction_threads` threads, on the reduction
+    thread when torch's runtime was loaded before driftops could set its spin count (module docstring) and the
+    tensors are on the CPU (GPU work stays on the caller's thread, whose current device and stream it uses);
+    the caller's thread counts are unchanged afterwards."""
     if not (_settings.own_thread and cpu) or threading.current_thread() is _ReductionThread.current:
-        with _count(_settings.threads):
+        with _count(reduction_threads(cpu)):
             return fn()
     import torch
 
-    n = _settings.threads or torch.get_num_threads()
+    n = reduction_threads(cpu) or torch.get_num_threads()
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def job() -> T:

@@ -30,17 +30,17 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True, text=True, timeout=300, check=True)
 
 
-def test_import_is_lazy_and_passive_and_restores_the_environment():
+def test_import_is_lazy_and_sets_the_spin_count_and_restores_the_environment():
     code = (
         "import os, sys, json, driftops\n"
         "print(json.dumps({'heavy': [m for m in ('sklearn', 'ot', 'matplotlib') if m in sys.modules],"
-        " 'env': os.environ.get('OMP_WAIT_POLICY'), 'policy': driftops.threads.settings()['wait_policy']}))"
+        " 'env': os.environ.get('GOMP_SPINCOUNT'), 'spins': driftops.threads.settings()['spin_count']}))"
     )
     run = _python(code, OMP_DISPLAY_ENV="VERBOSE")
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out == {"heavy": [], "env": None, "policy": "PASSIVE"}
-    # libgomp prints its settings at initialisation: the runtime itself got the passive policy (no spinning).
-    assert _spincount(run.stderr) == 0
+    assert out == {"heavy": [], "env": None, "spins": threads.SPIN_COUNT}
+    # libgomp prints its settings at initialisation: the runtime itself got driftops's spin count.
+    assert _spincount(run.stderr) == threads.SPIN_COUNT
     assert "CUDA libraries not found" not in run.stdout or torch.cuda.is_available()
 
 
@@ -55,11 +55,11 @@ def _spincount(stderr: str) -> int:
     [
         ("import torch, driftops", {}, 300_000),  # torch first: its runtime is initialised already (libgomp's default)
         ("import driftops", {"OMP_WAIT_POLICY": "ACTIVE"}, 30_000_000_000),  # the user's choice is kept
-        ("import driftops", {"GOMP_SPINCOUNT": "1000"}, 1000),
+        ("import driftops", {"GOMP_SPINCOUNT": "50"}, 50),
     ],
 )
 def test_wait_policy_left_alone(code, env, spins):
-    run = _python(code + "; s = driftops.threads.settings(); print(s['wait_policy'], s['own_thread'])", OMP_DISPLAY_ENV="VERBOSE", **env)
+    run = _python(code + "; s = driftops.threads.settings(); print(s['spin_count'], s['own_thread'])", OMP_DISPLAY_ENV="VERBOSE", **env)
     # torch first: the reductions run on their own thread (libgomp then throttles its spinning), else on the caller's.
     assert run.stdout.strip().splitlines()[-1] == f"None {code.startswith('import torch')}"
     assert _spincount(run.stderr) == spins
@@ -75,7 +75,10 @@ class _Spy(DenseBackend):
         return super().reduce_lse(x, y, eps, cost, logw, diag)
 
 
-def test_set_threads_applies_inside_calls_and_restores_the_callers_settings():
+def test_set_threads_applies_inside_calls_and_restores_the_callers_settings(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(threads.other_load, "cores", 0.0)  # an idle machine
+    monkeypatch.setattr(threads.other_load, "last", (float("inf"), 0.0, 0.0))
     before = torch.get_num_threads()
     other = 3 if before != 3 else 2
     x = torch.randn(5, 2)
@@ -93,6 +96,41 @@ def test_set_threads_applies_inside_calls_and_restores_the_callers_settings():
     finally:
         driftops.set_threads(None)
         torch.set_num_threads(before)
+
+
+def test_reductions_leave_the_cores_other_processes_keep_busy(monkeypatch):
+    before = torch.get_num_threads()
+    x = torch.randn(5, 2)
+    spy = _Spy()
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    try:
+        torch.set_num_threads(4)
+        for busy, expected in [(0.0, 4), (0.4, 4), (1.0, 3), (2.6, 1), (9.0, 1)]:
+            monkeypatch.setattr(threads.other_load, "cores", busy)
+            monkeypatch.setattr(threads.other_load, "last", (float("inf"), 0.0, 0.0))  # no re-measurement
+            spy.lse(x, x, 0.5, "sqeuclidean")
+            assert spy.seen[-1][0] == expected and set(spy.seen[-1][1]) <= {expected}
+            assert torch.get_num_threads() == 4
+        driftops.set_threads(2)  # a fixed count ignores the load
+        spy.lse(x, x, 0.5, "sqeuclidean")
+        assert spy.seen[-1][0] == 2
+    finally:
+        driftops.set_threads(None)
+        torch.set_num_threads(before)
+
+
+def test_other_load_is_the_busy_time_of_other_processes(monkeypatch):
+    real = threads.OtherLoad.sample(5.0)
+    assert real is None or (real[0] == 5.0 and real[1] > 0 and real[2] > 0)
+    samples = iter([(0.0, 100.0, 10.0), (1.0, 101.5, 10.5), (2.0, 102.0, 11.0)])
+    monkeypatch.setattr(threads.OtherLoad, "sample", staticmethod(lambda now: next(samples)))
+    clock = iter([0.0, 1.0, 1.1, 2.0])
+    monkeypatch.setattr(threads.time, "monotonic", lambda: next(clock))
+    load = threads.OtherLoad()
+    assert load() == 0.0  # one measurement: nothing known yet
+    assert load() == pytest.approx(1.0)  # 1.5 busy CPU-seconds in 1 s, 0.5 of them this process's
+    assert load() == pytest.approx(1.0)  # within LOAD_INTERVAL: not re-measured
+    assert load() == 0.0  # (102 - 101.5 - 0.5) / 1: clamped at 0
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])

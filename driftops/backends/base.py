@@ -20,7 +20,7 @@ and the diagonal term ``exp(logw_{i+k})`` is removed from them; rows whose
 diagonal term holds more than ``DIAGONAL_SHARE`` of their mass (isolated points,
 where the subtraction would cancel) are recomputed with the pair masked by index.
 ``lse`` and ``weighted_mean`` run under :func:`driftops.threads.call` (thread counts, and the
-reduction thread when the OpenMP runtime could not be made to wait passively).
+reduction thread when torch's OpenMP runtime was loaded before driftops could set its spin count).
 """
 
 from __future__ import annotations
