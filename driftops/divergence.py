@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from geomloss import SamplesLoss
 
+from . import threads
 from .checks import as_eps, as_points, as_weights, check_finite, numpy_io
 from .costs import check_cost, diameter, geomloss_params
 from .errors import DriftopsError
@@ -13,6 +14,7 @@ GEOMLOSS_BACKENDS = ("auto", "tensorized", "online", "multiscale")
 
 
 @numpy_io
+@threads.scoped
 def sinkhorn_divergence(
     x,
     y,

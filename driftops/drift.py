@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import threads
 from .backends import get_backend
 from .checks import as_eps, as_points, as_weights, check_choice, check_finite, numpy_io
 from .costs import check_cost
@@ -101,6 +102,7 @@ def _normalised_sum(fields: list[torch.Tensor], comm: Comm) -> torch.Tensor:
 
 
 @numpy_io
+@threads.scoped
 def drift(
     x,
     y,
@@ -158,6 +160,7 @@ def drift(
 
 
 @numpy_io
+@threads.scoped
 def barycentric_map(
     x,
     y,
@@ -191,6 +194,7 @@ def barycentric_map(
 
 
 @numpy_io
+@threads.scoped
 def joint_drift(
     x,
     y_pos,

@@ -16,22 +16,17 @@ open one parallel region per row cluster, hundreds per call, and two waits decid
 So, at ``import driftops`` (when torch is not imported yet, and the user set neither
 ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``), driftops imports torch with ``GOMP_SPINCOUNT=1000``
 (``SPIN_COUNT``: ~10 us, longer than the gap between two regions, far shorter than a time slice) in the
-environment and restores the environment right after: subprocesses see the user's settings.
+environment and restores the environment right after: subprocesses see the user's settings. When torch
+was imported first, its runtime keeps libgomp's default.
 
-Spinning still costs when other processes keep cores busy, so each reduction on the CPU runs on torch's
-thread count less the cores that other processes (and the hypervisor's steal) kept busy over the last
-quarter second (:class:`OtherLoad`, from ``/proc/stat`` and this process's CPU time), at least one: two
-driftops processes settle on one thread each, no barrier waits on a descheduled partner.
-
-When torch was imported first (the runtime already spins 300,000 times), driftops's reductions run on
-one long-lived thread of their own instead of the caller's. That thread gets its own OpenMP team, so
-the runtime manages more threads than there are cores, and libgomp then spins at most 100 times before
-sleeping (GOMP_SPINCOUNT's documented throttle) for every wait, the caller's team included.
-
+Spinning costs only where threads share cores with other work. So every public driftops call and every
+reduction runs, torch's work and KeOps's alike, on torch's thread count less the cores that other
+processes (and the hypervisor's steal) kept busy over the last quarter second (:class:`OtherLoad`,
+from ``/proc/stat`` and this process's CPU time), at least one: beside a busy process, or as one of two
+driftops processes at once, driftops runs on one thread, which never waits for a descheduled partner.
 On an idle machine the count is torch's (one per usable core, which KeOps shares since the runtime is
-shared; the reduction thread is given the caller's count), so a larger machine still uses all its
-cores; :func:`set_threads` fixes the count of driftops's reductions (no adaptation to the load),
-restoring the caller's setting after each call.
+shared), so a larger machine still uses all its cores; :func:`set_threads` fixes the count (no
+adaptation to the load). The caller's counts are restored after each call.
 """
 
 from __future__ import annotations
@@ -40,11 +35,8 @@ import contextlib
 import ctypes
 import functools
 import os
-import queue
 import sys
-import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -65,13 +57,11 @@ class ThreadSettings:
     """What driftops did to the OpenMP runtime.
 
     spin_count: the ``GOMP_SPINCOUNT`` driftops set at torch's import, or None when it could not
-    (torch was imported first) or should not (the user chose a policy); own_thread: reductions run on a
-    thread of their own (torch was imported first and the user chose no policy); threads: the thread
-    count of :func:`set_threads`, or None for torch's count less the cores other processes keep busy.
+    (torch was imported first) or should not (the user chose a policy); threads: the thread count of
+    :func:`set_threads`, or None for torch's count less the cores other processes keep busy.
     """
 
     spin_count: int | None = None
-    own_thread: bool = False
     threads: int | None = None
 
 
@@ -81,12 +71,10 @@ _settings = ThreadSettings()
 def import_torch() -> None:
     """Import torch with ``GOMP_SPINCOUNT=SPIN_COUNT`` for its OpenMP runtime (see the module docstring)."""
     global _settings
-    if any(v in os.environ for v in WAIT_VARIABLES):
+    other_load()  # a first measurement, so that the first reduction already knows the load
+    if any(v in os.environ for v in WAIT_VARIABLES) or "torch" in sys.modules:
         import torch  # noqa: F401
 
-        return
-    if "torch" in sys.modules:
-        _settings = replace(_settings, own_thread=True)
         return
     os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     try:
@@ -155,7 +143,7 @@ def settings() -> dict:
 
     runtimes = {Path(lib._name).name: lib.omp_get_max_threads() for lib in openmp_runtimes()}
     return {
-        "spin_count": _settings.spin_count, "own_thread": _settings.own_thread, "threads": _settings.threads,
+        "spin_count": _settings.spin_count, "threads": _settings.threads,
         "other_load": round(other_load.cores, 2), "torch_threads": torch.get_num_threads(), "openmp_max_threads": runtimes,
     }  # fmt: skip
 
@@ -188,26 +176,22 @@ def set_threads(n: int | None) -> None:
 
 
 def call(fn: Callable[[], T], cpu: bool = True) -> T:
-    """``fn()`` (a reduction; ``cpu``: of CPU tensors) on :func:`reduction_threads` threads, on the reduction
-    thread when torch's runtime was loaded before driftops could set its spin count (module docstring) and the
-    tensors are on the CPU (GPU work stays on the caller's thread, whose current device and stream it uses);
-    the caller's thread counts are unchanged afterwards."""
-    if not (_settings.own_thread and cpu) or threading.current_thread() is _ReductionThread.current:
-        with _count(reduction_threads(cpu)):
-            return fn()
-    import torch
+    """``fn()`` (a reduction; ``cpu``: of CPU tensors) on :func:`reduction_threads` threads; the caller's thread
+    counts are unchanged afterwards."""
+    with _count(reduction_threads(cpu)):
+        return fn()
 
-    n = reduction_threads(cpu) or torch.get_num_threads()
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def job() -> T:
-        torch.get_num_threads()  # torch sets its count on a thread's first use: do it before ours
-        for lib in openmp_runtimes():
-            lib.omp_set_num_threads(n)
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn()
+def scoped(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator of the public calls: all of ``fn``'s torch and KeOps work on :func:`reduction_threads` threads
+    (module docstring), the caller's thread counts restored afterwards."""
 
-    return _ReductionThread.get().run_job(job)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> T:
+        with _count(reduction_threads(True)):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -230,38 +214,3 @@ def _count(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
         for lib, count in runtimes:
             lib.omp_set_num_threads(count)
-
-
-class _ReductionThread(threading.Thread):
-    """The long-lived daemon thread reductions run on (one per process; a forked child starts its own)."""
-
-    current: "_ReductionThread | None" = None
-
-    def __init__(self) -> None:
-        super().__init__(name="driftops-reductions", daemon=True)
-        self.pid = os.getpid()
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.start()
-
-    @classmethod
-    def get(cls) -> "_ReductionThread":
-        if cls.current is None or cls.current.pid != os.getpid():
-            import torch
-
-            # The caller's OpenMP team must exist for the runtime to count both teams: a small parallel torch op.
-            torch.ones(1 << 17).add_(1)
-            cls.current = cls()
-        return cls.current
-
-    def run_job(self, fn: Callable[[], T]) -> T:
-        future: Future = Future()
-        self.jobs.put((fn, future))
-        return future.result()
-
-    def run(self) -> None:  # the thread's body
-        while True:
-            fn, future = self.jobs.get()
-            try:
-                future.set_result(fn())
-            except BaseException as err:  # handed to the caller
-                future.set_exception(err)

@@ -19,8 +19,7 @@ here, once for all of them: the unmasked sums are computed (a cheaper formula)
 and the diagonal term ``exp(logw_{i+k})`` is removed from them; rows whose
 diagonal term holds more than ``DIAGONAL_SHARE`` of their mass (isolated points,
 where the subtraction would cancel) are recomputed with the pair masked by index.
-``lse`` and ``weighted_mean`` run under :func:`driftops.threads.call` (thread counts, and the
-reduction thread when torch's OpenMP runtime was loaded before driftops could set its spin count).
+``lse`` and ``weighted_mean`` run under :func:`driftops.threads.call` (the thread count of the load).
 """
 
 from __future__ import annotations
