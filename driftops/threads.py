@@ -163,7 +163,7 @@ def openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
 
 
 def set_threads(n: int | None) -> None:
-    """Run driftops's reductions (torch and KeOps) on ``n`` threads; ``None`` restores the default.
+    """Run driftops's calls and reductions (torch and KeOps) on ``n`` threads; ``None`` restores the default.
 
     The caller's own thread count is restored after every driftops call, so this only affects
     driftops. By default driftops uses torch's count (one thread per usable core) less the cores other
