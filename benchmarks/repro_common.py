@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from driftops.train import TrainConfig, read_metrics, train
+from driftops.metrics import w2
+from driftops.train import Target, TrainConfig, read_metrics, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,3 +99,9 @@ def write_markdown(name: str, title: str, table: list[str], protocol: str) -> Pa
     write_atomic(path, text)
     print(text)
     return path
+
+
+def floor_draws(target: str, draws: int) -> list[float]:
+    """Exact W2² between two independent draws of 1000 points of ``target``, ``draws`` times: the metric's floor."""
+    tgt = Target.from_config(TrainConfig(target=target))
+    return [w2(tgt.eval_set(1000, 50_000 + 2 * k)[0], tgt.eval_set(1000, 50_001 + 2 * k)[0]) for k in range(draws)]

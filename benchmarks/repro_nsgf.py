@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from repro_common import RESULTS, Store, mean_std, train_resumable, write_markdown
+from repro_common import RESULTS, Store, floor_draws, mean_std, train_resumable, write_markdown
 
 from driftops.train import TrainConfig, evaluate
 
@@ -57,11 +57,15 @@ def main() -> None:
                 w2sq = evaluate(out, n=1000, seed=10_000 + seed)["w2"]
                 store.add(key, {"target": target, "method": method, "seed": seed, "w2": math.sqrt(w2sq), "seconds": summary["seconds"]})
                 print(f"{key}: W2 {math.sqrt(w2sq):.4g}", flush=True)
-    table = ["| target | " + " | ".join(f"{m} W2" for m in args.methods) + " | NSGF paper W2 |", "|---|" + "---|" * (len(args.methods) + 1)]
+    table = [
+        "| target | " + " | ".join(f"{m} W2" for m in args.methods) + " | floor: W2 of two target draws, 10 times | NSGF paper W2 |",
+        "|---|" + "---|" * (len(args.methods) + 2),
+    ]
     for target in args.targets:
         cells = [mean_std([r["w2"] for r in store.records.values() if (r["target"], r["method"]) == (target, m) and r["seed"] in seeds]) for m in args.methods]
         paper = PAPER_NSGF_W2.get(target.removeprefix("ffjord_"))
-        table.append(f"| {target} | " + " | ".join(cells) + f" | {'not transcribed' if paper is None else paper} |")
+        floor = mean_std([math.sqrt(v) for v in floor_draws(target, 10)])
+        table.append(f"| {target} | " + " | ".join(cells) + f" | {floor} | {'not transcribed' if paper is None else paper} |")
     protocol = (
         f"Gaussian source; eps {args.eps:g}; {args.steps} optimiser steps, nsgf batch {args.batch}, sinkhorn_loss batch {args.loss_batch}, nsgf pool of {args.flow_steps} "
         f"flow steps (sampled with {args.flow_steps} Euler steps), residual MLPs hidden 256 x 4 blocks, AdamW 1e-3, EMA 0.999; W2 = "

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 
-from repro_common import RESULTS, Store, curve, mean_std, train_resumable, write_markdown
+from repro_common import RESULTS, Store, curve, floor_draws, mean_std, train_resumable, write_markdown
 
 from driftops import viz
 from driftops.metrics import w2
-from driftops.train import PRESETS, Target, TrainConfig, evaluate, load_run, sample_model
+from driftops.train import PRESETS, TrainConfig, evaluate, load_run, sample_model
 
 # Plan variants: the drift's plan and its Sinkhorn settings.
 PLANS = {
@@ -141,12 +141,6 @@ def redrawn(out, draws: int) -> list[float]:
     """Exact W2² of a trained run over ``draws`` fresh draws of 1000 generated and 1000 target points."""
     _, method, model = load_run(out)
     return [w2(sample_model(method, model, 1000, seed=30_000 + k), method.target.eval_set(1000, 40_000 + k)[0]) for k in range(draws)]
-
-
-def floor_draws(target: str, draws: int) -> list[float]:
-    """Exact W2² between two independent draws of 1000 points of ``target``, ``draws`` times."""
-    tgt = Target.from_config(TrainConfig(target=target))
-    return [w2(tgt.eval_set(1000, 50_000 + 2 * k)[0], tgt.eval_set(1000, 50_001 + 2 * k)[0]) for k in range(draws)]
 
 
 if __name__ == "__main__":
