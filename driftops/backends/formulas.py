@@ -111,9 +111,10 @@ def job_formulas(
     masks = [False] + ([True] if set(plans) - {"sinkhorn"} else [])
     out = [Formula(shape, cost, masked, sparse, dim, dtype, device) for masked in masks for shape in SHAPES]
     if newton is None:
-        from ..sinkhorn import NEWTON_K
+        from ..sinkhorn import NEWTON_K, low_dim_path
+        from . import get_backend
 
-        newton = NEWTON_K if backend in ("auto", "sparse") and dim <= SPARSE_MAX_DIM else 0
+        newton = NEWTON_K if low_dim_path(get_backend(backend), dim) else 0
     if newton and "sinkhorn" in plans:
         out.append(Formula(f"top{newton}", cost, False, sparse, dim, dtype, device))
     return out
