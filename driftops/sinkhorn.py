@@ -61,6 +61,8 @@ NEWTON_MAX_ENTRIES = 1 << 25
 # A Newton step of length t is taken when it lowers the marginal error by at least this share times t; a whole step
 # must halve it, which a step (~13 reductions with its top-k) does when it beats the over-relaxed iterations it replaces.
 NEWTON_DECREASE = 0.5
+# Columns whose kept entries hold less than this share of their mass take their exact coordinate update, not Newton's.
+NEWTON_COVERED = 0.5
 # Conjugate-gradient iterations between two checks of the residual (each check is a host sync).
 CG_CHECK = 10
 # Cell sides of the coarse levels at the target temperature, in units of the finest side (kernel width / level_cells).
@@ -490,6 +492,9 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
     row and column sums of P: a graph Laplacian with the null vector 1 like the whole plan's; with the whole plan's
     sums instead, the mass P misses acts as a spurious diagonal that damps the smooth error components, the slow
     ones, and Newton converged 4x slower), scaled by eps; the right-hand side ``eps (b - c)`` is the whole plan's.
+    A column whose kept entries hold less than ``NEWTON_COVERED`` of its mass (few rows against many columns: n * k
+    entries cannot reach every column) has next to no row in that Laplacian, where the step would be unbounded: it
+    takes its exact coordinate update ``g* - g`` instead, and the whole plan's column sum as its diagonal.
     The step is taken whole when it at least halves the marginal error, else halved up to three times (a step of length
     t must lower the error by the share ``NEWTON_DECREASE * t``). When no length does, or when the kept entries hold
     less than ``NEWTON_MASS`` of the plan's mass (a spread plan: the truncated Hessian misjudges the step, and the
@@ -515,7 +520,9 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
         c = torch.exp(log_b + ((g - g_star) / eps).clamp(max=50.0))
         tiny = torch.finfo(w.dtype).tiny
         kept_c = geom.comm.sum(torch.zeros_like(c).index_add_(0, idx.reshape(-1), w.reshape(-1)))
-        step = _schur_solve(w, idx, w.sum(1).clamp_min(tiny), kept_c.clamp_min(tiny), eps * (b - c), geom.comm)
+        covered = kept_c >= NEWTON_COVERED * c
+        diagonal = torch.where(covered, kept_c, c).clamp_min(tiny)
+        step = torch.where(covered, _schur_solve(w, idx, w.sum(1).clamp_min(tiny), diagonal, eps * (b - c), geom.comm), g_star - g)
         for t in (1.0, 0.5, 0.25, 0.125):
             g_t = g + t * step
             f_t = _update(geom, rows, cols, g_t, eps)

@@ -211,6 +211,22 @@ def test_newton_hands_over_to_overrelaxation_when_its_hessian_is_too_sparse():
     assert info.sinkhorn[0.01][0].converged and float((v - ref).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("n, m, eps", [(3, 2000, 0.01), (12, 3000, 0.001)])
+def test_newton_with_few_rows_against_many_columns(n, m, eps):
+    # n * 128 plan entries cannot reach every column: those columns take their exact update, the solve stays finite
+    # and converges to the over-relaxed solve's potentials (once a step on them grew g to 1e32 behind a "float32" warning).
+    g = torch.Generator().manual_seed(5)
+    x = 0.05 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    y = driftops.data.sample_toy("checkerboard", m, seed=6).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v, info = driftops.drift(x, y, eps, plan="sinkhorn", solver=Sinkhorn(tol=1e-6, newton=128), return_info=True)
+    ref = driftops.drift(x, y, eps, plan="sinkhorn", backend="dense", solver=Sinkhorn(tol=1e-9, newton=0))
+    cross = info.sinkhorn[eps][0]
+    assert cross.converged and float(cross.g.abs().max()) < 50
+    assert float((v - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
 def test_newton_finish_by_default_where_coarse_levels_apply():
     x, y = pair(400, 300)
 
