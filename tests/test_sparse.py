@@ -238,7 +238,7 @@ def test_kdtree_candidates_match_dense_mask(monkeypatch, weighted):
     logw = torch.randn(5000, generator=torch.Generator().manual_seed(20)) * 0.1 if weighted else None
     for a, b, lw, off in ((x, y, logw, None), (x, x, None, 0)):
         sb = SparseBackend(cell_size=0.05)
-        cx, cy = sb.clustering(a, 1e-2, "sqeuclidean", "rows"), sb.clustering(b, 1e-2, "sqeuclidean", "cols")
+        cx, cy = sb.clustering(a, 1e-2, "sqeuclidean"), sb.clustering(b, 1e-2, "sqeuclidean")
         lws = None if lw is None else lw[cy.perm]
         dense = sparse._keep_mask(cx, cy, 1e-2, "sqeuclidean", 20.0, lws, off is not None)
         with monkeypatch.context() as m:
@@ -250,3 +250,20 @@ def test_kdtree_candidates_match_dense_mask(monkeypatch, weighted):
             assert torch.equal(sparse.Blocks.from_mask(t).start, tree.start)  # maximal runs either way
             assert bool(t[dense].all()) and t.sum() <= 1.05 * dense.sum(), (int(t.sum()), int(dense.sum()))
             check(a, b, 1e-2, logw=lw, self_offset=off, thr=20.0)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_grid_labels_count_or_sort_alike(d, monkeypatch):
+    # Compact labels in the order of the cells' linear index, whether counted (small grids) or sorted (sparse ones).
+    g = torch.Generator().manual_seed(21)
+    x = torch.cat([torch.randn(3000, d, generator=g, dtype=torch.float64), torch.full((5, d), 1e4, dtype=torch.float64)])
+    for size in (0.05, 0.3):
+        counted = sparse.grid_labels(x[:3000], size)
+        monkeypatch.setattr(sparse, "BINCOUNT_CELLS", 0)
+        sorted_ = sparse.grid_labels(x[:3000], size)
+        far = sparse.grid_labels(x, size)  # 1e4 away: far more cells than points, sorted either way
+        monkeypatch.undo()
+        assert torch.equal(counted, sorted_) and torch.equal(sparse.grid_labels(x, size), far)
+        q = torch.floor((x[:3000] - x[:3000].amin(0)) / size)
+        same = (q[:, None] == q[None]).all(-1)
+        assert torch.equal(same, counted[:, None] == counted[None]) and int(counted.max()) + 1 == len(torch.unique(q, dim=0))

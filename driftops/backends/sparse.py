@@ -44,12 +44,14 @@ from .keops import LazyTensor, Vj, compiled_once, keops_logits, lse_and_mean, re
 # the keep mask, ~80 ns per cluster pair (a k-d tree lists candidate pairs above 2^20 of them), and one OpenMP
 # region per ROW cluster (~10 us); consecutive kept COLUMN clusters are merged into one range. At 1M points the
 # cap decides: one-sided drift of 1M vs 1M points at eps = 0.01 in 230 s with 16384 clusters, 440 s with 32768.
-CELLS_PER_RADIUS = {"rows": 8.0, "cols": 8.0}
-MIN_MEAN_POINTS = {"rows": 16, "cols": 16}
+CELLS_PER_RADIUS = 8.0
+MIN_MEAN_POINTS = 16
 # On a GPU a KeOps thread block reads a whole cluster: clusters of ~16 points would leave most of it idle.
 GPU_MIN_MEAN_POINTS = 256
 CELL_GROWTH = 1.25
 MAX_CLUSTERS = 1 << 14
+# Grids of at most this many cells per point are labelled by counting (no sort).
+BINCOUNT_CELLS = 4
 # Below this many cluster pairs the keep mask is computed densely (no k-d tree).
 DENSE_MASK_PAIRS = 1 << 20
 # Number of cluster pairs whose bounds are evaluated at once (bounds the memory of the keep mask).
@@ -85,11 +87,15 @@ def grid_labels(x: torch.Tensor, size: float) -> torch.Tensor:
     """
     q = ((x - x.amin(0)) / size).floor().long()
     extent = q.amax(0) + 1
-    if math.prod(float(e) for e in extent) < 2.0**62:
+    cells = math.prod(float(e) for e in extent)
+    if cells < 2.0**62:
         lin = q[:, 0]
         for d in range(1, x.shape[1]):
             lin = lin * extent[d] + q[:, d]
-        return torch.unique(lin, return_inverse=True)[1]
+        if cells > BINCOUNT_CELLS * x.shape[0]:
+            return torch.unique(lin, return_inverse=True)[1]
+        present = torch.bincount(lin, minlength=int(cells)) > 0  # O(n + cells), no sort
+        return (torch.cumsum(present, 0) - 1)[lin]
     return torch.unique(q, dim=0, return_inverse=True)[1]
 
 
@@ -356,14 +362,14 @@ class SparseBackend(Backend):
         return f"SparseBackend(truncation={self.truncation}, cell_size={self.cell_size})"
 
     # -- clustering ---------------------------------------------------------------------------
-    def clustering(self, x: torch.Tensor, eps: float, cost: str, role: str = "rows") -> Clustering:
-        """The (cached) clustering of cloud x (n, D) for temperature ``eps``, as ``role`` "rows" or "cols"."""
+    def clustering(self, x: torch.Tensor, eps: float, cost: str) -> Clustering:
+        """The (cached) clustering of cloud x (n, D) for temperature ``eps``, as rows or columns alike."""
         x = x.detach()
         if self.cell_size is None:
-            start = truncation_radius(eps, cost, self.truncation) / CELLS_PER_RADIUS[role]
+            start = truncation_radius(eps, cost, self.truncation) / CELLS_PER_RADIUS
         else:
             start = self.cell_size
-        key = (_fingerprint(x), start, self.cell_size is None and role)
+        key = (_fingerprint(x), start)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -371,7 +377,7 @@ class SparseBackend(Backend):
         size = start
         if self.cell_size is None:
             k = int(grid_labels(x, size).max()) + 1
-            least = MIN_MEAN_POINTS[role] if x.device.type == "cpu" else GPU_MIN_MEAN_POINTS
+            least = MIN_MEAN_POINTS if x.device.type == "cpu" else GPU_MIN_MEAN_POINTS
             while k > 1 and (x.shape[0] < least * k or k > MAX_CLUSTERS):
                 size *= CELL_GROWTH
                 k = int(grid_labels(x, size).max()) + 1
@@ -393,7 +399,7 @@ class SparseBackend(Backend):
         """Clusterings of x and y and the kept cluster pairs for these logits (``self_mask``: one pair
         per row is masked)."""
         self._check(x, y)
-        cx, cy = self.clustering(x, eps, cost, "rows"), self.clustering(y, eps, cost, "cols")
+        cx, cy = self.clustering(x, eps, cost), self.clustering(y, eps, cost)
         lw = logw.detach()[cy.perm].contiguous() if logw is not None else None
         # Every row cluster keeps at least the block of its B_I (module docstring): no check (a host sync) needed.
         return cx, cy, _keep_blocks(cx, cy, eps, cost, self.truncation, lw, self_mask)
