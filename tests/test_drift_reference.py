@@ -199,6 +199,22 @@ def test_weights_are_multiplicities_for_drift():
         assert rel_err(v, ref) < 1e-8
 
 
+@pytest.mark.parametrize("backend", ["keops", "sparse", "auto"])
+@pytest.mark.parametrize("plan", ["one_sided", "two_sided", "sinkhorn"])
+def test_zero_weights_drop_their_points(backend, plan):
+    # A zero weight is a point that is not there (KeOps returns NaN on the -inf log-weight; driftops never passes it).
+    x, y = clouds(700, 900, 2, torch.float64, seed=10)
+    g = torch.Generator().manual_seed(11)
+    wx, wy = torch.rand(700, generator=g, dtype=torch.float64) + 0.5, torch.rand(900, generator=g, dtype=torch.float64) + 0.5
+    wy[::7] = 0
+    wx[1::5] = 0
+    solver = driftops.Sinkhorn(tol=1e-9)
+    v = driftops.drift(x, y, 0.01, plan=plan, backend=backend, x_weights=wx, y_weights=wy, solver=solver)
+    keep = wy > 0
+    ref = driftops.drift(x, y[keep], 0.01, plan=plan, backend="dense", x_weights=wx, y_weights=wy[keep], solver=solver)
+    assert torch.isfinite(v).all() and rel_err(v, ref) < 1e-5
+
+
 def test_several_temperatures_are_normalised_and_summed():
     x, y = clouds(40, 30, 2, torch.float64, seed=9)
     total = driftops.drift(x, y, [0.05, 0.5], plan="two_sided", backend="keops")

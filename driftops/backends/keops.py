@@ -95,9 +95,9 @@ def keops_logits(
 ) -> LazyTensor:
     """Symbolic (N, M) logits ``logw_j - c_ij/eps``.
 
-    ``diag`` (N,) int64: the column masked in each row (penalty ``-MASK_PENALTY``, never -inf), in the
-    numbering of ``y_index`` (M,), the original row numbers of y's points when they were permuted
-    (the block-sparse backend sorts them); by default column j is point j.
+    ``diag`` (N,) int64: the column masked in each row (penalty ``-MASK_PENALTY``, never -inf, as for zero
+    weights), in the numbering of ``y_index`` (M,), the original row numbers of y's points when they were
+    permuted (the block-sparse backend sorts them); by default column j is point j.
     """
     # Vi / Vj mark per-point variables even for a single row or column (a (1, 1, D) LazyTensor would be taken
     # for a parameter: another compiled formula).
@@ -106,8 +106,9 @@ def keops_logits(
     # -1/eps enters as a parameter tensor: one compiled formula for every temperature (a Python -1.0 would be folded).
     scale = LazyTensor(torch.tensor([-1.0 / eps], dtype=x.dtype, device=x.device))
     s = (d2 if cost_power(cost) == 2 else d2.sqrt()) * scale
-    # Log-weights are always a variable (zeros when absent): one compiled formula for weighted and plain sums.
-    lw = logw if logw is not None else torch.zeros(y.shape[0], dtype=x.dtype, device=x.device)
+    # Log-weights are always a variable (zeros when absent): one compiled formula for weighted and plain sums. A zero
+    # weight (log-weight -inf, on which KeOps returns NaN) enters as the finite -MASK_PENALTY: its terms are exactly 0.
+    lw = logw.clamp_min(-MASK_PENALTY) if logw is not None else torch.zeros(y.shape[0], dtype=x.dtype, device=x.device)
     s = s + Vj(lw.reshape(-1, 1))
     if diag is not None:
         jj = y_index if y_index is not None else torch.arange(y.shape[0], device=x.device)
