@@ -204,15 +204,19 @@ def low_dim_path(backend: Backend, dim: int) -> bool:
     return isinstance(backend, (AutoBackend, SparseBackend)) and dim <= SPARSE_MAX_DIM
 
 
-def newton_entries(solver: Sinkhorn, geom: Geometry, cols: Cloud | None) -> int:
-    """Plan entries per row of a Newton finish against ``cols`` (None: the self problem, which has none):
+def newton_entries(solver: Sinkhorn, geom: Geometry, rows: Cloud, cols: Cloud | None) -> int:
+    """Plan entries per row of a Newton finish of ``rows`` against ``cols`` (None: the self problem, which has none):
     ``solver.newton``, or when None ``NEWTON_K`` on the low-dimensional path (:func:`low_dim_path`) where a kernel
-    holds few enough columns (:func:`kernel_points`) for k entries to hold ``NEWTON_MASS`` of a row's mass, else 0."""
+    holds few enough columns (:func:`kernel_points`) for k entries to hold ``NEWTON_MASS`` of a row's mass, else 0.
+    Where "auto" reduces the points densely, none: a dense reduction reuses its kernel (a matrix-vector product,
+    :mod:`driftops.backends.dense`), and the iterations cost less than the top-k and the conjugate gradients."""
     if cols is None:
         return 0
     if solver.newton is not None:
         return solver.newton
-    if cols.full is None or not low_dim_path(geom.backend, cols.full.shape[1]):
+    if rows.full is None or cols.full is None or not low_dim_path(geom.backend, cols.full.shape[1]):
+        return 0
+    if isinstance(geom.backend, AutoBackend) and geom.backend.pick(rows.full, cols.full) is geom.backend.dense:
         return 0
     return NEWTON_K if kernel_points(cols, geom) * math.log(1.0 / (1.0 - NEWTON_MASS)) <= NEWTON_K else 0
 
@@ -579,7 +583,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     symmetric = dst is None
     top = max_cost(geom.cost, src.box(), (src if symmetric else dst).box())
     omega = _Omega(solver, warm_start.omega if warm_start is not None and solver.acceleration == "adaptive" else solver.omega)
-    newton = newton_entries(solver, geom, dst)
+    newton = newton_entries(solver, geom, src, dst)
     warm = None if warm_start is None else _carry_over(warm_start, src, dst, geom)
     coarse_its = 0
     if warm is None:

@@ -128,6 +128,39 @@ def test_dense_backend_reuses_costs_only_for_unmodified_clouds():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_backend_reuses_its_kernel_across_log_weights(dtype):
+    """Calls that change only the log-weights reuse the kept kernel; a change spread over more than KERNEL_SPREAD
+    rebuilds it; an in-place change of the caller's log-weights does not leak into it; every answer (log-sum-exp,
+    mean, both from one pass) matches float64 torch at a temperature where most terms underflow."""
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(60, 2, generator=g, dtype=torch.float64), torch.randn(80, 2, generator=g, dtype=torch.float64) + 0.3
+    eps = 0.01
+    base = torch.randn(80, generator=g, dtype=torch.float64)
+    backend = DenseBackend()
+    xd, yd = x.to(dtype), y.to(dtype)
+    tag = ("kernel", "sqeuclidean", eps)
+    kernels = []
+    big = base + 40 * torch.rand(80, generator=g, dtype=torch.float64)
+    small = 0.5 * torch.randn(80, generator=g, dtype=torch.float64)
+    for logw in (base, base + small, big, big + small, None):
+        s = -reference.cost(x, y, "sqeuclidean") / eps + (0 if logw is None else logw)
+        wd = None if logw is None else logw.to(dtype)
+        assert rel_err(backend.lse(xd, yd, eps, "sqeuclidean", wd).double(), torch.logsumexp(s, 1)) < TOL[dtype]
+        assert rel_err(backend.weighted_mean(xd, yd, eps, "sqeuclidean", yd, wd).double(), torch.softmax(s, 1) @ y) < TOL[dtype]
+        both = backend.reduce_lse_mean(xd, yd, eps, "sqeuclidean", yd, wd)
+        assert rel_err(both[0].double(), torch.logsumexp(s, 1)) < TOL[dtype] and rel_err(both[1].double(), torch.softmax(s, 1) @ y) < TOL[dtype]
+        kernels.append(backend._find(xd, yd, tag)[2])
+    assert kernels[1] is kernels[0]  # a change spread over 0.5 * 6: reused
+    assert kernels[2] is not kernels[1] and kernels[3] is kernels[2]  # spread ~40: rebuilt, then reused
+    assert kernels[4] is not kernels[3]  # back to zero log-weights: a spread ~40 again
+    w = base.to(dtype).clone()
+    fresh = DenseBackend()
+    fresh.lse(xd, yd, eps, "sqeuclidean", w)
+    w.add_(1.0)  # the caller reuses its tensor: the kernel kept its own copy of the log-weights
+    assert rel_err(fresh.lse(xd, yd, eps, "sqeuclidean", w).double(), torch.logsumexp(-reference.cost(x, y, "sqeuclidean") / eps + base + 1, 1)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dense_backend_at_underflowing_temperatures(dtype):
     """At eps far below the squared spread, most logits lie more than 80 below their row's maximum (where exp()
     underflows float32); row sums and means still match float64 torch, and a fully masked row gives -inf."""
