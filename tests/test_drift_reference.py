@@ -153,6 +153,7 @@ def test_dense_backend_reuses_its_kernel_across_log_weights(dtype):
     assert kernels[1] is kernels[0]  # a change spread over 0.5 * 6: reused
     assert kernels[2] is not kernels[1] and kernels[3] is kernels[2]  # spread ~40: rebuilt, then reused
     assert kernels[4] is not kernels[3]  # back to zero log-weights: a spread ~40 again
+    assert sum(entry[4] == tag for entry in backend._cache) == 1  # a rebuilt kernel replaces the one it supersedes
     w = base.to(dtype).clone()
     fresh = DenseBackend()
     fresh.lse(xd, yd, eps, "sqeuclidean", w)

@@ -61,9 +61,11 @@ class DenseBackend(Backend):
         return None
 
     def _keep(self, x: torch.Tensor, y: torch.Tensor, tag: tuple, value, matrix: torch.Tensor) -> None:
-        """Keep ``value`` for (x, y, tag) unless its ``matrix`` exceeds CACHE_MAX_BYTES; the oldest entry goes."""
+        """Keep ``value`` for (x, y, tag), replacing an older one, unless its ``matrix`` exceeds CACHE_MAX_BYTES; the
+        oldest entry goes."""
         if matrix.numel() * matrix.element_size() <= CACHE_MAX_BYTES:
-            self._cache = [(weakref.ref(x), x._version, weakref.ref(y), y._version, tag, value)] + self._cache[: CACHE_ENTRIES - 1]
+            others = [e for e in self._cache if not (e[4] == tag and e[0]() is x and e[2]() is y)]
+            self._cache = [(weakref.ref(x), x._version, weakref.ref(y), y._version, tag, value)] + others[: CACHE_ENTRIES - 1]
 
     def cost(self, x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
         """The (N, M) cost matrix, reused (or transposed) from an earlier call on the same unmodified clouds."""
