@@ -14,7 +14,7 @@ from driftops.errors import DriftopsError
 from driftops.parallel import Cloud, Comm
 from driftops.plans import Geometry
 from driftops.costs import max_cost
-from driftops.sinkhorn import ACCELERATIONS, Sinkhorn, SolveStatus, kernel_points, level, relax, sinkhorn, stages
+from driftops.sinkhorn import ACCELERATIONS, Sinkhorn, SolveStatus, kernel_points, level, newton_entries, relax, sinkhorn, stages
 
 import reference
 
@@ -239,8 +239,9 @@ def test_newton_finish_by_default_where_coarse_levels_apply():
     # "auto" reduces 400 x 300 points densely, where iterations (one product with a kept kernel) cost less.
     assert used(2) == used(2, backend="keops") == used(4) == used(2, solver=Sinkhorn(newton=0)) == 0
     assert used(4, solver=Sinkhorn(newton=16)) >= 16  # asked for: used in any dimension
-    xb, yb = pair(1800, 1700)  # beyond the dense size: "auto" takes the block-sparse path, and Newton steps
-    assert driftops.drift(xb, yb, 0.05, plan="sinkhorn", return_info=True)[1].sinkhorn[0.05][0].newton >= 128
+    # Beyond the dense size "auto" takes the block-sparse path, and Newton steps (the rule, without solving).
+    xb, yb = (Cloud.split(c, Comm()) for c in pair(1800, 1700))
+    assert newton_entries(Sinkhorn(), Geometry(0.05, "sqeuclidean", driftops.backends.AutoBackend(), Comm()), xb, yb) == 128
     # At a large eps each row spreads over most of the 300 columns: 128 entries would miss much of it, no Newton.
     assert driftops.drift(x, y, 5.0, plan="sinkhorn", backend="sparse", return_info=True)[1].sinkhorn[5.0][0].newton == 0
 
