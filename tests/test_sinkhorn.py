@@ -56,7 +56,7 @@ def test_drift_is_minus_n_times_sinkhorn_divergence_gradient():
 
 def test_zero_drift_when_clouds_coincide():
     x, _ = pair()
-    v = driftops.drift(x, x.clone(), 0.05, plan="sinkhorn", backend="keops", tol=1e-8, max_iter=20000)
+    v = driftops.drift(x, x.clone(), 0.05, plan="sinkhorn", backend="keops", tol=1e-6, max_iter=20000)
     assert float(v.abs().max()) < 1e-4
     # The one-sided drift of identical clouds is not zero: it is the bias Sinkhorn removes.
     assert float(driftops.drift(x, x.clone(), 0.05, plan="one_sided", backend="keops").abs().max()) > 1e-2
