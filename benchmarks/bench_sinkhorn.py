@@ -4,8 +4,8 @@ Implementations, each in a fresh process under the default environment:
 
 * ``plain``: driftops with ``Sinkhorn(acceleration="none", multiscale=False)`` (alternating log-domain updates after
   eps-annealing);
-* ``previous``: the solver of an earlier driftops commit (``--previous``; over-relaxation of the g half-step only,
-  factor 1.6, one coarse level), imported from ``git archive`` of that commit;
+* ``previous``: driftops at an earlier commit (``--previous``; by default e6ebddd, whose solver over-relaxes the g
+  half-step only, factor 1.6, one coarse level), imported from ``git archive`` of that commit;
 * ``overrelaxed``: ``Sinkhorn(newton=0)`` (both half-steps over-relaxed with an adaptive factor, coarse levels
   solved at the target eps);
 * ``driftops``: the default ``Sinkhorn()``, in 2D at low eps the same with a sparse Newton finish on the points (the

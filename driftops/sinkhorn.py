@@ -208,7 +208,7 @@ def newton_entries(solver: Sinkhorn, geom: Geometry, rows: Cloud, cols: Cloud | 
     """Plan entries per row of a Newton finish of ``rows`` against ``cols`` (None: the self problem, which has none):
     ``solver.newton``, or when None ``NEWTON_K`` on the low-dimensional path (:func:`low_dim_path`) where a kernel
     holds few enough columns (:func:`kernel_points`) for k entries to hold ``NEWTON_MASS`` of a row's mass, else 0.
-    Where "auto" reduces the points densely, none: a dense reduction reuses its kernel (a matrix-vector product,
+    Where "auto" iterates densely on the points, none: a dense reduction reuses its kernel (a matrix-vector product,
     :mod:`driftops.backends.dense`), and the iterations cost less than the top-k and the conjugate gradients."""
     if cols is None:
         return 0
@@ -216,7 +216,8 @@ def newton_entries(solver: Sinkhorn, geom: Geometry, rows: Cloud, cols: Cloud | 
         return solver.newton
     if rows.full is None or cols.full is None or not low_dim_path(geom.backend, cols.full.shape[1]):
         return 0
-    if isinstance(geom.backend, AutoBackend) and geom.backend.pick(rows.full, cols.full) is geom.backend.dense:
+    iterating = geom.backend.iterations()
+    if isinstance(iterating, AutoBackend) and iterating.pick(rows.full, cols.full) is iterating.dense:
         return 0
     return NEWTON_K if kernel_points(cols, geom) * math.log(1.0 / (1.0 - NEWTON_MASS)) <= NEWTON_K else 0
 
@@ -581,6 +582,8 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     """
     eps = geom.eps
     symmetric = dst is None
+    # The stages solved to a tolerance repeat their reductions on the same clouds: "auto" may reduce them densely.
+    solving = replace(geom, backend=geom.backend.iterations())
     top = max_cost(geom.cost, src.box(), (src if symmetric else dst).box())
     omega = _Omega(solver, warm_start.omega if warm_start is not None and solver.acceleration == "adaptive" else solver.omega)
     newton = newton_entries(solver, geom, src, dst)
@@ -597,7 +600,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
         if f is None:
             f, coarse_its = _update(geom, src, dst, g, eps), 1
         rows, pot, other = (src, f, f) if symmetric else (dst, g, f)
-        exact = _update(geom, rows, src, other, eps)
+        exact = _update(solving, rows, src, other, eps)
         start = _error(rows.log_marginal(), pot, exact, eps)
         # The reduction that measured the start also gives the next update: keep it (averaged for the self problem).
         f, g = (0.5 * (f + exact),) * 2 if symmetric else (f, exact)
@@ -616,7 +619,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
                 f = 0.5 * (f + _update(geom, st.rows, f_on, f, st.eps))
                 coarse_its += 1
             if st.tol is not None:
-                f, err, its, stalled = _iterate_self(geom, st.rows, f, eps, st.tol, solver, status)
+                f, err, its, stalled = _iterate_self(solving, st.rows, f, eps, st.tol, solver, status)
             g = f
         elif st.tol is None:
             f, f_on = _update(geom, st.rows, g_on, g, st.eps), st.rows
@@ -627,9 +630,9 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
                 g, g_on = _update(geom, st.cols, f_on, f, st.eps), st.cols
             omega.restart()
             if newton and st is plan[-1] and st.cols.full is not None:
-                f, g, err, its, stalled, used = _iterate_newton(geom, st.rows, st.cols, g, eps, st.tol, solver, omega, newton, status)
+                f, g, err, its, stalled, used = _iterate_newton(solving, st.rows, st.cols, g, eps, st.tol, solver, omega, newton, status)
             else:
-                f, g, err, its, stalled = _iterate_cross(geom, st.rows, st.cols, g, eps, st.tol, solver, omega, status)
+                f, g, err, its, stalled = _iterate_cross(solving, st.rows, st.cols, g, eps, st.tol, solver, omega, status)
             f_on = st.rows
         if st is not plan[-1] and st.tol is not None:
             coarse_its += its

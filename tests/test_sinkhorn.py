@@ -239,11 +239,34 @@ def test_newton_finish_by_default_where_coarse_levels_apply():
     # "auto" reduces 400 x 300 points densely, where iterations (one product with a kept kernel) cost less.
     assert used(2) == used(2, backend="keops") == used(4) == used(2, solver=Sinkhorn(newton=0)) == 0
     assert used(4, solver=Sinkhorn(newton=16)) >= 16  # asked for: used in any dimension
-    # Beyond the dense size "auto" takes the block-sparse path, and Newton steps (the rule, without solving).
-    xb, yb = (Cloud.split(c, Comm()) for c in pair(1800, 1700))
-    assert newton_entries(Sinkhorn(), Geometry(0.05, "sqeuclidean", driftops.backends.AutoBackend(), Comm()), xb, yb) == 128
+    # "auto" iterates densely while the dense backend keeps the kernel (1800 x 1700 float64), beyond that on the
+    # block-sparse path, with Newton steps (the rule, without solving).
+    geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), Comm())
+    assert newton_entries(Sinkhorn(), geom, *(Cloud.split(c, Comm()) for c in pair(1800, 1700))) == 0
+    assert newton_entries(Sinkhorn(), geom, *(Cloud.split(c, Comm()) for c in pair(4200, 4100, torch.float32))) == 128
     # At a large eps each row spreads over most of the 300 columns: 128 entries would miss much of it, no Newton.
     assert driftops.drift(x, y, 5.0, plan="sinkhorn", backend="sparse", return_info=True)[1].sinkhorn[5.0][0].newton == 0
+
+
+def test_auto_iterates_densely_on_mid_sized_clouds(monkeypatch):
+    # 2100 x 1900 float64 points: beyond the one-shot dense size, within the kept kernel's (32 MB): the iterations on
+    # the points reduce densely (one product each) and reach the dense backend's drift.
+    x, y = pair(2100, 1900)
+    seen = []
+    reduce = driftops.backends.DenseBackend.reduce_lse
+
+    def spy(self, a, b, *args):
+        seen.append((a.shape[0], b.shape[0]))
+        return reduce(self, a, b, *args)
+
+    monkeypatch.setattr(driftops.backends.DenseBackend, "reduce_lse", spy)
+    v, info = driftops.drift(x, y, 0.01, plan="sinkhorn", solver=Sinkhorn(tol=1e-6), return_info=True)
+    cross, own = info.sinkhorn[0.01]
+    assert cross.converged and own.converged and cross.newton == 0
+    assert seen.count((1900, 2100)) >= cross.iterations and seen.count((2100, 2100)) >= own.iterations
+    monkeypatch.undo()
+    ref = driftops.drift(x, y, 0.01, plan="sinkhorn", backend="dense", solver=Sinkhorn(tol=1e-6))
+    assert float((v - ref).abs().max()) < 1e-4 < float(v.abs().max())
 
 
 def test_kernel_points_of_a_lattice():

@@ -205,6 +205,27 @@ def test_auto_picks_a_backend():
     assert auto.pick(small_x, small_y) is auto.dense
 
 
+def test_auto_iterates_densely_while_the_dense_backend_keeps_the_kernel():
+    from driftops.backends import DENSE_ITERATIONS_MAX_ELEMENTS, AutoBackend
+    from driftops.backends.dense import CACHE_MAX_BYTES
+
+    auto = AutoBackend()
+    iterating = auto.iterations()
+    assert iterating.iterations() is iterating and iterating.dense is auto.dense and iterating.sparse is auto.sparse
+    assert not auto.repeated and iterating.repeated
+    x, y = clouds(3000, 2500, 2, torch.float32, seed=18)
+    assert auto.pick(x, y) is auto.sparse and iterating.pick(x, y) is iterating.dense
+    # float64 3000 x 2500: 60 MB, kept; in any dimension; not with gradients (the dense kernel is kept without them).
+    assert 3000 * 2500 <= DENSE_ITERATIONS_MAX_ELEMENTS < 4200 * 4100 and DENSE_ITERATIONS_MAX_ELEMENTS * 8 <= CACHE_MAX_BYTES
+    assert iterating.pick(x.double(), y.double()) is iterating.dense
+    assert iterating.pick(torch.randn(3000, 5), torch.randn(2500, 5)) is iterating.dense
+    assert iterating.pick(x, y, y[:, 0].clone().requires_grad_()) is iterating.keops
+    # A kernel the dense backend would not keep: the one-shot choice.
+    big_x, big_y = clouds(4200, 4100, 2, torch.float32, seed=19)
+    assert iterating.pick(big_x, big_y) is iterating.sparse
+    assert iterating.pick(torch.randn(4200, 5), torch.randn(4100, 5)) is iterating.keops
+
+
 def test_rejects_high_dimension():
     x = torch.randn(100, 4)
     with pytest.raises(DriftopsError, match="D <= 3"):

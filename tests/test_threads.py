@@ -152,6 +152,8 @@ def test_auto_prefers_keops_on_cuda_and_sparse_on_cpu():
     auto = AutoBackend()
     assert auto.pick(_FakeCuda(50_000, 2), _FakeCuda(50_000, 2)) is auto.keops
     assert auto.pick(_FakeCuda(100, 2), _FakeCuda(100, 2)) is auto.dense
+    iterating = auto.iterations()  # dense iterations are measured on the CPU only
+    assert iterating.pick(_FakeCuda(3000, 2), _FakeCuda(3000, 2)) is iterating.keops
     cpu = torch.empty(50_000, 2)
     assert auto.pick(cpu, cpu) is auto.sparse
     assert auto.pick(torch.empty(50_000, 8), torch.empty(50_000, 8)) is auto.keops

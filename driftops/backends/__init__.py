@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..errors import DriftopsError
@@ -17,6 +19,11 @@ from .sparse import SparseBackend
 
 # Largest N*M*(D+4) for which "auto" uses the dense backend (about 64 MiB of float32 temporaries).
 DENSE_MAX_ELEMENTS = 1 << 24
+# Largest N*M for which "auto" reduces the iterations of a Sinkhorn solve densely on the CPU (a kernel the dense backend
+# keeps: 32 MiB in float32, 64 MiB in float64). benchmarks/bench_sinkhorn.py, 2D, against the block-sparse path:
+# 2048 points 1.1-7.8x faster at eps 0.1-0.001; 4096 points between 2.2x slower (eps 0.01, where a Newton finish on
+# the block-sparse path needs 1-2 iterations) and 4.1x faster (eps 0.001).
+DENSE_ITERATIONS_MAX_ELEMENTS = 1 << 23
 # Largest dimension for which "auto" uses the block-sparse backend. Measured on 2D clouds of 2k to 1M points
 # (benchmarks/bench_sparse.py): it is faster than the dense-lazy reduction at every temperature, by 1.2x when
 # every block is kept (eps large: the block loop runs faster) to 20-70x at eps = 0.01, where it also skips the
@@ -27,7 +34,10 @@ SPARSE_MAX_DIM = 3
 class AutoBackend(Backend):
     """The backend chosen per reduction, by measurement and by device:
 
-    1. dense torch for tiny problems (N * M * (D + 4) <= DENSE_MAX_ELEMENTS; no compile, no call overhead);
+    1. dense torch for tiny problems (N * M * (D + 4) <= DENSE_MAX_ELEMENTS; no compile, no call overhead), and
+       for repeated reductions (:meth:`iterations`) on the CPU without gradients while N * M <=
+       DENSE_ITERATIONS_MAX_ELEMENTS (2896 x 2896 points): the dense backend keeps their kernel and a Sinkhorn
+       iteration is one matrix-vector product;
     2. inputs on a GPU: dense-lazy KeOps (its GPU path; the block-sparse path's small clusters and host-side
        bookkeeping have not been measured faster there);
     3. CPU, D <= SPARSE_MAX_DIM and no gradient needed: the block-sparse path (measured faster than dense-lazy
@@ -37,14 +47,30 @@ class AutoBackend(Backend):
 
     name = "auto"
 
-    def __init__(self) -> None:
+    def __init__(self, repeated: bool = False) -> None:
         self.dense = DenseBackend()
         self.keops = KeOpsBackend()
         self.sparse = SparseBackend()
+        self.repeated = repeated
+
+    def iterations(self) -> AutoBackend:
+        """This choice for repeated reductions (rule 1), sharing this instance's backends and their caches."""
+        if self.repeated:
+            return self
+        twin = copy.copy(self)
+        twin.repeated = True
+        return twin
 
     def pick(self, x: torch.Tensor, y: torch.Tensor, *others: torch.Tensor | None) -> Backend:
         """The backend for a reduction of x (N, D) against y (M, D) with further inputs ``others``."""
         if x.shape[0] * y.shape[0] * (x.shape[1] + 4) <= DENSE_MAX_ELEMENTS:
+            return self.dense
+        if (
+            self.repeated
+            and x.device.type == "cpu"
+            and x.shape[0] * y.shape[0] <= DENSE_ITERATIONS_MAX_ELEMENTS
+            and not needs_grad(x, y, *others)
+        ):
             return self.dense
         if x.device.type != "cpu":
             return self.keops

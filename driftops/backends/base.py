@@ -116,6 +116,11 @@ class Backend(ABC):
         out = (mean - kept * values[diag]) / (1 - kept)
         return _redo_rows(out, share, lambda rows: self.reduce_mean(x[rows], y, eps, cost, values, logw, diag[rows]))
 
+    def iterations(self) -> Backend:
+        """The backend for reductions repeated on the same clouds with changing log-weights (the iterations of a
+        Sinkhorn solve); this one unless a backend chooses per reduction (:class:`driftops.backends.AutoBackend`)."""
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
