@@ -65,8 +65,9 @@ NEWTON_DECREASE = 0.5
 NEWTON_COVERED = 0.5
 # Conjugate-gradient iterations between two checks of the residual (each check is a host sync).
 CG_CHECK = 10
-# Iterations of a stage on the backend's one-shot choice before its choice for repeated reductions (a dense kernel
-# costs ~5 reductions of the block-sparse path to build, and is reused by every later iteration).
+# Iterations of a stage on the backend's one-shot choice before its choice for repeated reductions: building a dense
+# kernel costs a few block-sparse reductions, which a stage converging at once (a warm-started flow step) would not
+# win back.
 ONE_SHOT_ITERATIONS = 5
 # Cell sides of the coarse levels at the target temperature, in units of the finest side (kernel width / level_cells).
 COARSE_SCALES = (1.0, 2.0, 4.0, 8.0)
