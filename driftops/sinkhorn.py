@@ -12,7 +12,9 @@ source) and b (on the destination). A solve is a list of :class:`Stage` s comput
 * **the points** at the target eps, solved to ``tol``.
 
 Potentials move between stages by one update (a c-transform): an update always computes a potential on its
-stage's support from the other side's potential, wherever that lives.
+stage's support from the other side's potential, wherever that lives. The iterations of the stages solved to a
+tolerance use the backend's choice for repeated reductions (``Backend.iterations()``: "auto" reduces clouds of up
+to 2^23 point pairs on a kept dense kernel, one matrix-vector product per reduction).
 
 Cross problems (x != y) alternate the two half-steps (Gauss-Seidel) and over-relax both with the same
 factor ω: ``f <- f + ω (T(g) - f)``. ``acceleration="adaptive"`` starts from ω = 1 (or the ω carried over
