@@ -584,8 +584,9 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     """
     eps = geom.eps
     symmetric = dst is None
-    # The stages solved to a tolerance repeat their reductions on the same clouds ("auto" may reduce them densely).
-    solving = replace(geom, backend=geom.backend.iterations())
+    # The stages solved to a tolerance repeat their reductions on the same clouds ("auto" may reduce them densely), except
+    # in ring and mesh modes (no cloud held whole), whose column blocks arrive as new tensors: no kernel to keep.
+    solving = replace(geom, backend=geom.backend.iterations()) if src.full is not None else geom
     top = max_cost(geom.cost, src.box(), (src if symmetric else dst).box())
     omega = _Omega(solver, warm_start.omega if warm_start is not None and solver.acceleration == "adaptive" else solver.omega)
     newton = newton_entries(solver, geom, src, dst)
