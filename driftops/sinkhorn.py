@@ -12,9 +12,9 @@ source) and b (on the destination). A solve is a list of :class:`Stage` s comput
 * **the points** at the target eps, solved to ``tol``.
 
 Potentials move between stages by one update (a c-transform): an update always computes a potential on its
-stage's support from the other side's potential, wherever that lives. The iterations of the stages solved to a
-tolerance use the backend's choice for repeated reductions (``Backend.iterations()``: "auto" reduces clouds of up
-to 2^23 point pairs on a kept dense kernel, one matrix-vector product per reduction).
+stage's support from the other side's potential, wherever that lives. After the first ``ONE_SHOT_ITERATIONS`` of a
+stage solved to a tolerance, its reductions use the backend's choice for repeated reductions (``Backend.iterations()``:
+"auto" reduces clouds of up to 2^23 point pairs on a kept dense kernel, one matrix-vector product per reduction).
 
 Cross problems (x != y) alternate the two half-steps (Gauss-Seidel) and over-relax both with the same
 factor ω: ``f <- f + ω (T(g) - f)``. ``acceleration="adaptive"`` starts from ω = 1 (or the ω carried over
@@ -67,6 +67,10 @@ NEWTON_DECREASE = 0.5
 NEWTON_COVERED = 0.5
 # Conjugate-gradient iterations between two checks of the residual (each check is a host sync).
 CG_CHECK = 10
+# Iterations of a stage on the backend's one-shot choice before its choice for repeated reductions: building a dense
+# kernel costs a few block-sparse reductions, which a stage converging at once (a warm-started flow step) would not
+# win back.
+ONE_SHOT_ITERATIONS = 5
 # Cell sides of the coarse levels at the target temperature, in units of the finest side (kernel width / level_cells).
 COARSE_SCALES = (1.0, 2.0, 4.0, 8.0)
 
@@ -392,10 +396,23 @@ class _Progress:
 
     solver: Sinkhorn
     status: SolveStatus | None
+    geom: Geometry
     it: int = 0
     err: float = math.inf
     best: float = math.inf
     since: int = 0
+
+    def __post_init__(self) -> None:
+        # Not in ring and mesh modes, whose column blocks arrive as new tensors at every reduction: no kernel to keep.
+        many = self.geom.comm.ring or self.geom.comm.mesh
+        self.repeated = self.geom if many else replace(self.geom, backend=self.geom.backend.iterations())
+
+    @property
+    def at(self) -> Geometry:
+        """The geometry of this iteration's reductions: the stage's for its first ``ONE_SHOT_ITERATIONS``, then its
+        backend's choice for reductions repeated on the same clouds (:meth:`driftops.backends.Backend.iterations`;
+        "auto" then reduces mid-sized clouds densely, and a dense kernel built so late is reused enough to pay)."""
+        return self.geom if self.it <= ONE_SHOT_ITERATIONS else self.repeated
 
     def next(self) -> None:
         """Start an iteration and report it with the last measured error."""
@@ -413,10 +430,10 @@ class _Progress:
 
 def _iterate_self(geom: Geometry, rows: Cloud, f: torch.Tensor, eps: float, tol: float, solver: Sinkhorn, status: SolveStatus | None):
     """Averaged symmetric iterations ``f <- (f + T(f)) / 2`` to ``tol``: returns (f, error, iterations, stalled)."""
-    p, err = _Progress(solver, status), math.inf
+    p, err = _Progress(solver, status, geom), math.inf
     while p.it < solver.max_iter:
         p.next()
-        f_new = _update(geom, rows, rows, f, eps)
+        f_new = _update(p.at, rows, rows, f, eps)
         err = _error(rows.log_marginal(), f, f_new, eps)
         if err < tol:
             break
@@ -433,11 +450,11 @@ def _iterate_cross(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, ep
     the next column error is then the true marginal error (rows exact), on which the stopping test, the stall test
     and the choice of ω rely. (With f over-relaxed the column error overstates it, by 3-4x at ω = 1.95.)
     """
-    p, err = _Progress(solver, status), math.inf
+    p, err = _Progress(solver, status, geom), math.inf
     f, exact = _update(geom, rows, cols, g, eps), True
     while p.it < solver.max_iter:
         p.next()
-        g_star = _update(geom, cols, rows, f, eps)
+        g_star = _update(p.at, cols, rows, f, eps)
         err = _error(cols.log_marginal(), g, g_star, eps)
         if exact:
             if err < tol:
@@ -447,11 +464,11 @@ def _iterate_cross(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, ep
                 return f, g, err, p.it, True
         w = omega.value
         g = relax(g, g_star, w, eps)
-        f_star = _update(geom, rows, cols, g, eps)
+        f_star = _update(p.at, rows, cols, g, eps)
         exact = w == 1.0 or err < tol or p.it % solver.window == 0
         f = f_star if exact else relax(f, f_star, w, eps)
     if not exact:
-        f = _update(geom, rows, cols, g, eps)
+        f = _update(p.at, rows, cols, g, eps)
     return f, g, err, p.it, False
 
 
@@ -508,7 +525,7 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
     over-relaxed iterations converge fast there), Newton is not paying for its top-k and the over-relaxed iterations
     take over from there. k is at most ``NEWTON_MAX_ENTRIES`` / rows. Three reductions and a top-k per accepted step.
     """
-    p = _Progress(solver, status)
+    p = _Progress(solver, status, geom)
     k = max(1, min(k, NEWTON_MAX_ENTRIES // rows.n))
     log_b = cols.log_marginal()
     log_a = rows.local_part(rows.log_marginal())
@@ -584,9 +601,6 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
     """
     eps = geom.eps
     symmetric = dst is None
-    # The stages solved to a tolerance repeat their reductions on the same clouds ("auto" may reduce them densely), except
-    # in ring and mesh modes (no cloud held whole), whose column blocks arrive as new tensors: no kernel to keep.
-    solving = replace(geom, backend=geom.backend.iterations()) if src.full is not None else geom
     top = max_cost(geom.cost, src.box(), (src if symmetric else dst).box())
     omega = _Omega(solver, warm_start.omega if warm_start is not None and solver.acceleration == "adaptive" else solver.omega)
     newton = newton_entries(solver, geom, src, dst)
@@ -622,7 +636,7 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
                 f = 0.5 * (f + _update(geom, st.rows, f_on, f, st.eps))
                 coarse_its += 1
             if st.tol is not None:
-                f, err, its, stalled = _iterate_self(solving, st.rows, f, eps, st.tol, solver, status)
+                f, err, its, stalled = _iterate_self(geom, st.rows, f, eps, st.tol, solver, status)
             g = f
         elif st.tol is None:
             f, f_on = _update(geom, st.rows, g_on, g, st.eps), st.rows
@@ -633,9 +647,9 @@ def sinkhorn(src: Cloud, dst: Cloud | None, geom: Geometry, solver: Sinkhorn, wa
                 g, g_on = _update(geom, st.cols, f_on, f, st.eps), st.cols
             omega.restart()
             if newton and st is plan[-1] and st.cols.full is not None:
-                f, g, err, its, stalled, used = _iterate_newton(solving, st.rows, st.cols, g, eps, st.tol, solver, omega, newton, status)
+                f, g, err, its, stalled, used = _iterate_newton(geom, st.rows, st.cols, g, eps, st.tol, solver, omega, newton, status)
             else:
-                f, g, err, its, stalled = _iterate_cross(solving, st.rows, st.cols, g, eps, st.tol, solver, omega, status)
+                f, g, err, its, stalled = _iterate_cross(geom, st.rows, st.cols, g, eps, st.tol, solver, omega, status)
             f_on = st.rows
         if st is not plan[-1] and st.tol is not None:
             coarse_its += its

@@ -19,11 +19,11 @@ from .sparse import SparseBackend
 
 # Largest N*M*(D+4) for which "auto" uses the dense backend (about 64 MiB of float32 temporaries).
 DENSE_MAX_ELEMENTS = 1 << 24
-# Largest N*M for which "auto" reduces the iterations of a Sinkhorn stage densely on the CPU (a kernel the dense backend
-# keeps: 32 MiB in float32, 64 MiB in float64). benchmarks/bench_sinkhorn.py (README), 2D: 2048 points 2.3-6.5x
-# faster at eps 0.001 than the block-sparse path, as fast or faster at 0.1 and 0.01; coarse levels of 4096 and 8192
-# points 1.3-1.6x faster at 0.001. 4096 x 4096 (64 MiB in float32) was up to 2.2x slower at eps 0.01, where the
-# block-sparse Newton finish converges in 1-2 iterations.
+# Largest N*M for which "auto" reduces the later iterations of a Sinkhorn stage densely on the CPU (a kernel the dense
+# backend keeps: 32 MiB in float32, 64 MiB in float64). benchmarks/bench_sinkhorn.py (README), 2D: 2048 points 2.1-6.2x
+# faster at eps 0.001 than the block-sparse path, the same at 0.1 and 0.01; coarse levels of 4096 and 8192 points
+# 1.3-1.5x faster at 0.001. 4096 x 4096 (64 MiB in float32) was up to 2.2x slower at eps 0.01, where the block-sparse
+# Newton finish converges in 1-2 iterations.
 DENSE_ITERATIONS_MAX_ELEMENTS = 1 << 23
 # Largest dimension for which "auto" uses the block-sparse backend. Measured on 2D clouds of 2k to 1M points
 # (benchmarks/bench_sparse.py): it is faster than the dense-lazy reduction at every temperature, by 1.2x when
