@@ -48,11 +48,11 @@ class AutoBackend(Backend):
 
     name = "auto"
 
-    def __init__(self, repeated: bool = False) -> None:
+    def __init__(self) -> None:
         self.dense = DenseBackend()
         self.keops = KeOpsBackend()
         self.sparse = SparseBackend()
-        self.repeated = repeated
+        self.repeated = False
 
     def iterations(self) -> AutoBackend:
         """This choice for repeated reductions (rule 1), sharing this instance's backends and their caches."""
@@ -66,16 +66,12 @@ class AutoBackend(Backend):
         """The backend for a reduction of x (N, D) against y (M, D) with further inputs ``others``."""
         if x.shape[0] * y.shape[0] * (x.shape[1] + 4) <= DENSE_MAX_ELEMENTS:
             return self.dense
-        if (
-            self.repeated
-            and x.device.type == "cpu"
-            and x.shape[0] * y.shape[0] <= DENSE_ITERATIONS_MAX_ELEMENTS
-            and not needs_grad(x, y, *others)
-        ):
-            return self.dense
         if x.device.type != "cpu":
             return self.keops
-        return self.sparse if x.shape[1] <= SPARSE_MAX_DIM and not needs_grad(x, y, *others) else self.keops
+        grad = needs_grad(x, y, *others)
+        if self.repeated and not grad and x.shape[0] * y.shape[0] <= DENSE_ITERATIONS_MAX_ELEMENTS:
+            return self.dense
+        return self.sparse if x.shape[1] <= SPARSE_MAX_DIM and not grad else self.keops
 
     def reduce_lse(self, x, y, eps, cost, logw, diag):
         return self.pick(x, y, logw).reduce_lse(x, y, eps, cost, logw, diag)
