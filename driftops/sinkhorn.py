@@ -40,6 +40,7 @@ every iteration (``driftops.flow`` shows it in its progress bar).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -402,10 +403,13 @@ class _Progress:
     best: float = math.inf
     since: int = 0
 
-    def __post_init__(self) -> None:
-        # Not in ring and mesh modes, whose column blocks arrive as new tensors at every reduction: no kernel to keep.
-        many = self.geom.comm.ring or self.geom.comm.mesh
-        self.repeated = self.geom if many else replace(self.geom, backend=self.geom.backend.iterations())
+    @functools.cached_property
+    def repeated(self) -> Geometry:
+        """The geometry of reductions repeated on the same clouds (the stage's own in ring and mesh modes, whose column
+        blocks arrive as new tensors at every reduction: no kernel to keep)."""
+        if self.geom.comm.ring or self.geom.comm.mesh:
+            return self.geom
+        return replace(self.geom, backend=self.geom.backend.iterations())
 
     @property
     def at(self) -> Geometry:
