@@ -3,8 +3,9 @@
 The load table (run first, the headline): N = M = 8192 in 2D (Gaussian noise vs checkerboard), eps 0.1,
 one- and two-sided drift with ``backend="auto"`` and the lean dense torch drift timed in the same process
 (best and median of ``--repeat`` calls after a warm-up call), each in a fresh subprocess under three
-environments (``default``: no OpenMP variable set, as in a fresh shell; ``passive``: OMP_WAIT_POLICY=PASSIVE;
-``omp1``: OMP_NUM_THREADS=1) and three loads (``idle``; ``busy``: another process spinning on one core;
+environments (``default``: no OpenMP variable and no CXXFLAGS set, as in a fresh shell; ``passive``:
+OMP_WAIT_POLICY=PASSIVE; ``omp1``: OMP_NUM_THREADS=1; on request ``generic``: KeOps's formulas compiled without
+driftops's ``-march=native``, CXXFLAGS set empty) and three loads (``idle``; ``busy``: another process spinning on one core;
 ``pair``: two copies of the case at once, both reported). Then, unless ``--loads-only``: for N = M in 2D
 and each plan, seconds of one drift evaluation with ``backend="auto"`` (block-sparse in 2D, truncated at exp(-20)) and
 ``backend="keops"`` (every pair visited), peak memory, pair evaluations per second
@@ -17,6 +18,7 @@ their marginal error, and GeomLoss's gradient time.
     python benchmarks/bench_drift.py --loads-only    # the load table alone (about 4 minutes on 2 cores)
     python benchmarks/bench_drift.py                 # everything (about 20 minutes)
     python benchmarks/bench_drift.py --quick         # small sizes, a few minutes
+    python benchmarks/bench_drift.py --loads-only --loads idle --envs default generic   # compiler flags
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def case_sinkhorn(n, eps, impl, tol):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loads", nargs="+", default=["idle", "busy", "pair"], choices=["idle", "busy", "pair"])
-    p.add_argument("--envs", nargs="+", default=list(ENVIRONMENTS), choices=list(ENVIRONMENTS))
+    p.add_argument("--envs", nargs="+", default=["default", "passive", "omp1"], choices=list(ENVIRONMENTS))
     p.add_argument("--plans", nargs="+", default=["one_sided", "two_sided"], help="plans of the load table")
     p.add_argument("--load-n", type=int, default=8192, help="N = M of the load table")
     p.add_argument("--impl", default="auto", help="driftops backend of the load table")

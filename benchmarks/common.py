@@ -21,9 +21,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 # Environment variables that change how the OpenMP / BLAS thread pools behave.
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_DYNAMIC", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
-              "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KEOPS_CACHE_FOLDER", "DRIFTOPS_THREADS")
-# Named environments for subprocess runs: "default" is a fresh shell (none of THREAD_ENV's OpenMP variables set).
-ENVIRONMENTS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "omp1": {"OMP_NUM_THREADS": "1"}}
+              "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KEOPS_CACHE_FOLDER", "DRIFTOPS_THREADS", "CXXFLAGS")
+# Named environments for subprocess runs: "default" is a fresh shell (none of THREAD_ENV's OpenMP variables set, no
+# CXXFLAGS); "generic": KeOps's formulas compiled without driftops's -march=native (CXXFLAGS set, empty).
+ENVIRONMENTS = {
+    "default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "omp1": {"OMP_NUM_THREADS": "1"}, "generic": {"CXXFLAGS": ""},
+}  # fmt: skip
 
 
 def cpu_model() -> str:
@@ -70,8 +73,8 @@ def print_machine(info: dict) -> None:
 
 
 def child_env(name: str) -> dict:
-    """The environment of a subprocess run under ``ENVIRONMENTS[name]`` (OpenMP variables otherwise unset)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}
+    """The environment of a subprocess run under ``ENVIRONMENTS[name]`` (OpenMP variables and CXXFLAGS otherwise unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "CXXFLAGS" and not k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env | ENVIRONMENTS[name]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import driftops
 from driftops import threads
 from driftops.backends import AutoBackend, DenseBackend
 from driftops.backends.formulas import Formula, job_formulas
-from driftops.backends.keops import INDEX_BASE, KeOpsBackend, _build_lock, keops_logits
+from driftops.backends.keops import INDEX_BASE, NATIVE_CXXFLAGS, KeOpsBackend, _build_lock, keops_logits
 from driftops.backends.sparse import cluster_ranges
 from driftops.costs import diameter
 
@@ -24,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter with this checkout first on the path and no OpenMP variables."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    """Run ``code`` in a fresh interpreter with this checkout first on the path, no OpenMP variables and no CXXFLAGS."""
+    base = {k: v for k, v in os.environ.items() if k != "CXXFLAGS" and not k.startswith(("OMP_", "GOMP_"))}
     base["PYTHONPATH"] = os.pathsep.join([str(ROOT), base.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True, text=True, timeout=300, check=True)
 
@@ -62,6 +63,17 @@ def test_wait_policy_left_alone(code, env, spins):
     run = _python(code + "; print(driftops.threads.settings()['spin_count'])", OMP_DISPLAY_ENV="VERBOSE", **env)
     assert run.stdout.strip().splitlines()[-1] == "None"
     assert _spincount(run.stderr) == spins
+
+
+@pytest.mark.parametrize("env", [{}, {"CXXFLAGS": "-O2"}, {"CXXFLAGS": ""}])
+def test_keops_compiles_for_this_cpu_unless_the_user_set_cxxflags(env):
+    code = "import os, json, driftops, keopscore; print(json.dumps([keopscore.config.get_cpp_flags(), os.environ.get('CXXFLAGS')]))"
+    flags, seen = json.loads(_python(code, **env).stdout.strip().splitlines()[-1])
+    native = not env and sys.platform == "linux" and platform.machine() == "x86_64"
+    assert (NATIVE_CXXFLAGS in flags.split()) == native
+    if env.get("CXXFLAGS"):
+        assert flags.split()[0] == env["CXXFLAGS"]  # the user's flags, first
+    assert seen == env.get("CXXFLAGS")  # the environment as the user left it
 
 
 class _Spy(DenseBackend):
