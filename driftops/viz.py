@@ -257,8 +257,8 @@ def plot_curve_bands(panels: dict[str, dict[str, tuple]], path, xlabel: str | di
     """Curves with mean ± std bands, one subplot per panel (like the Sinkhorn-drifting paper's Figure 2).
 
     ``panels``: ``{panel title: {curve label: (x (T,), runs (S, T))}}``; each curve is the mean over
-    the S runs with a shaded band of ± one standard deviation; log-scale y. ``xlabel``: one label, or
-    one per panel title.
+    the S runs with a shaded band of ± one standard deviation; log-scale y; a curve of fewer than 3 points is
+    also marked point by point (a line alone would not show one). ``xlabel``: one label, or one per panel title.
     """
     if not panels:
         raise DriftopsError("panels is empty; pass {title: {label: (x, runs)}}")
@@ -269,7 +269,7 @@ def plot_curve_bands(panels: dict[str, dict[str, tuple]], path, xlabel: str | di
         for label, (x, runs) in curves.items():
             runs = np.atleast_2d(np.asarray(runs, dtype=float))
             mean, std = runs.mean(0), runs.std(0)
-            (line,) = ax.plot(x, mean, label=label, lw=1.4)
+            (line,) = ax.plot(x, mean, label=label, lw=1.4, marker="o" if len(mean) < 3 else None, ms=5)
             if len(runs) > 1:
                 ax.fill_between(x, np.maximum(mean - std, mean * 1e-3), mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_yscale("log")
