@@ -39,7 +39,9 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict:
-    """CPU model, core counts, load, torch / OpenMP thread settings and the thread-related environment."""
+    """CPU model, core counts, load, torch / OpenMP thread settings, the thread-related environment and the CXXFLAGS
+    KeOps compiles with."""
+    import keopscore
     from threadpoolctl import threadpool_info
 
     import driftops
@@ -60,6 +62,7 @@ def machine_info() -> dict:
         "driftops_threads": driftops.threads.settings(),
         "threadpools": [{k: p.get(k) for k in ("user_api", "internal_api", "num_threads", "filepath")} for p in threadpool_info()],
         "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+        "keops_cxxflags": keopscore.config.get_cpp_env_flags(),
     }
 
 
@@ -69,7 +72,7 @@ def print_machine(info: dict) -> None:
     load = " ".join(f"{v:.2f}" for v in info["loadavg"])
     print(f"# {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), load {load}; torch {info['torch']} "
           f"threads {info['torch_threads']}/{info['torch_interop_threads']}; driftops {info['driftops_threads']}; "
-          f"pools: {pools}; env: {info['env'] or 'none set'}")
+          f"pools: {pools}; env: {info['env'] or 'none set'}; KeOps CXXFLAGS: {info['keops_cxxflags'] or 'none'}")
 
 
 def child_env(name: str) -> dict:
