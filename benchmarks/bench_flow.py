@@ -43,13 +43,16 @@ def clouds(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 2, generator=torch.Generator().manual_seed(0)), driftops.data.sample_toy("checkerboard", n, seed=1)
 
 
-def recording_backend():
-    """backend="auto", recording the (logw, self_offset) of every weighted_mean call."""
-    from driftops.backends import AutoBackend
+def recording_backend(thr: float | None = None):
+    """backend="auto" (its block-sparse backend with truncation ``thr`` when given), recording the (logw, self_offset)
+    of every weighted_mean call."""
+    from driftops.backends import AutoBackend, SparseBackend
 
     class Recording(AutoBackend):
         def __init__(self):
             super().__init__()
+            if thr is not None:
+                self.sparse = SparseBackend(truncation=thr)
             self.calls = []
 
         def weighted_mean(self, x, y, eps, cost, values, logw=None, self_offset=None):
@@ -77,12 +80,8 @@ def exact_rows(x, y, rows, eps, calls) -> torch.Tensor:
 def case(n: int, plan: str, args) -> dict:
     import driftops
 
-    if args.thr is not None:
-        import driftops.backends.sparse as sp
-
-        sp.SparseBackend.__init__.__defaults__ = (args.thr, None)
     x, y = clouds(n)
-    be = recording_backend()
+    be = recording_backend(args.thr)
     res: dict = {"n": n, "plan": plan}
     t = time.perf_counter()
     if plan == "sinkhorn":

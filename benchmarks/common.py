@@ -40,11 +40,11 @@ def cpu_model() -> str:
 
 def machine_info() -> dict:
     """CPU model, core counts, load, torch / OpenMP thread settings, the thread-related environment and the CXXFLAGS
-    KeOps compiles with."""
-    import keopscore
+    KeOps compiles with (driftops imported first: it sets those flags when it imports KeOps)."""
     from threadpoolctl import threadpool_info
 
     import driftops
+    import keopscore
 
     try:
         usable = len(os.sched_getaffinity(0))
