@@ -8,13 +8,16 @@ its last checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
+import itertools
 import json
 import os
 import platform
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,12 @@ class Store:
     def __contains__(self, key: str) -> bool:
         return key in self.records
 
+    def pending(self, key: Callable[..., str], *axes: Iterable) -> Iterator[tuple[str, tuple]]:
+        """``(key(*case), case)`` for each case of the product of ``axes`` (in order) not finished yet."""
+        for case in itertools.product(*axes):
+            if key(*case) not in self:
+                yield key(*case), case
+
     def add(self, key: str, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
@@ -63,6 +72,21 @@ class Store:
             self.records = {**self._read(), key: record}
             meta = {"command": command_line(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
             write_atomic(self.path, json.dumps({"meta": meta, "records": self.records}, indent=1) + "\n")
+
+
+def grid_parser(doc: str, name: str, seeds: int) -> argparse.ArgumentParser:
+    """The parser of a reproduction script, with the options they all share: ``--seeds`` (how many, from 42),
+    ``--threads`` (per training run) and ``--name`` (the result file stem in ``benchmarks/results``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=seeds, help="number of seeds, from 42")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default=name, help="result file stem in benchmarks/results")
+    return parser
+
+
+def seed_list(args: argparse.Namespace) -> list[int]:
+    """The seeds of ``--seeds``: 42, 43, ..."""
+    return list(range(42, 42 + args.seeds))
 
 
 def command_line() -> str:

@@ -13,50 +13,40 @@ repro_digits.png (decoded samples, one row per class, first seed). Resumable aft
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-from repro_common import RESULTS, Store, mean_std, train_resumable, write_markdown
+from repro_common import RESULTS, Store, grid_parser, mean_std, seed_list, train_resumable, write_markdown
 
 from driftops import viz
 from driftops.train import TrainConfig, evaluate, load_run, sample_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = grid_parser(__doc__, "repro_digits", seeds=3)
     parser.add_argument("--plans", nargs="+", default=["one_sided", "sinkhorn"])
     parser.add_argument("--tau", nargs="+", type=float, default=[0.005, 0.01, 0.05, 0.1])
     parser.add_argument("--latent-dim", type=int, default=16)
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds, from 42")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=500, help="generated samples per step (split evenly over the 10 classes)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sinkhorn-iters", type=int, default=100)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--name", default="repro_digits")
     args = parser.parse_args()
     store = Store(args.name)
-    seeds = list(range(42, 42 + args.seeds))
-    for plan in args.plans:
-        for tau in args.tau:
-            for seed in seeds:
-                key = f"{plan}|{tau:g}|{args.latent_dim}|{seed}"
-                if key in store:
-                    continue
-                out = RESULTS / "runs" / args.name / f"{plan}-tau{tau:g}-s{seed}"
-                cfg = TrainConfig(
-                    method="drifting", target="digits", latent_dim=args.latent_dim, conditional=True, out=str(out),
-                    plan=plan, eps=[tau * args.latent_dim], backend=args.backend, sinkhorn_iters=args.sinkhorn_iters,
-                    steps=args.steps, batch=args.batch, target_batch=1797, lr=args.lr, seed=seed, threads=args.threads,
-                    eval_every=max(1, args.steps // 10), eval_points=1797, checkpoint_every=100, progress=False,
-                )  # fmt: skip
-                summary = train_resumable(cfg)
-                result = evaluate(out, n=1797, seed=10_000 + seed)
-                record = {k: result[k] for k in ("accuracy", "coverage", "w2")}
-                record.update(plan=plan, tau=tau, seed=seed, w2_class_mean=float(np.mean(list(result["w2_per_class"].values()))), seconds=summary["seconds"])
-                store.add(key, record)
-                print(f"{key}: accuracy {record['accuracy']:.3f}, W2^2 per class {record['w2_class_mean']:.3f}", flush=True)
+    seeds = seed_list(args)
+    for key, (plan, tau, seed) in store.pending(lambda p, t, s: f"{p}|{t:g}|{args.latent_dim}|{s}", args.plans, args.tau, seeds):
+        out = RESULTS / "runs" / args.name / f"{plan}-tau{tau:g}-s{seed}"
+        cfg = TrainConfig(
+            method="drifting", target="digits", latent_dim=args.latent_dim, conditional=True, out=str(out),
+            plan=plan, eps=[tau * args.latent_dim], backend=args.backend, sinkhorn_iters=args.sinkhorn_iters,
+            steps=args.steps, batch=args.batch, target_batch=1797, lr=args.lr, seed=seed, threads=args.threads,
+            eval_every=max(1, args.steps // 10), eval_points=1797, checkpoint_every=100, progress=False,
+        )  # fmt: skip
+        summary = train_resumable(cfg)
+        result = evaluate(out, n=1797, seed=10_000 + seed)
+        record = {k: result[k] for k in ("accuracy", "coverage", "w2")}
+        record.update(plan=plan, tau=tau, seed=seed, w2_class_mean=float(np.mean(list(result["w2_per_class"].values()))), seconds=summary["seconds"])
+        store.add(key, record)
+        print(f"{key}: accuracy {record['accuracy']:.3f}, W2^2 per class {record['w2_class_mean']:.3f}", flush=True)
     pick = lambda p, t, k: [r[k] for r in store.records.values() if (r["plan"], r["tau"]) == (p, t) and r["seed"] in seeds]  # noqa: E731
     table = ["| plan | tau (eps) | class accuracy | coverage | W2^2 per class (mean) | W2^2 all |", "|---|---|---|---|---|---|"]
     for plan in args.plans:

@@ -15,11 +15,10 @@ steps). Resumable after a kill.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from repro_common import RESULTS, Store, mean_std, train_resumable, write_atomic, write_markdown
+from repro_common import RESULTS, Store, grid_parser, mean_std, seed_list, train_resumable, write_atomic, write_markdown
 
 from driftops import viz
 from driftops.train import TrainConfig, evaluate
@@ -59,26 +58,19 @@ def late_mean(curve: list[dict], budget: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = grid_parser(__doc__, "repro_large_batch", seeds=3)
     parser.add_argument("--eps", nargs="+", type=float, default=[0.01, 0.001])
     parser.add_argument("--batches", nargs="+", type=int, default=[1024, 8192, 65536], help="drift batch sizes")
     parser.add_argument("--minibatch", type=int, default=1024, help="generator samples per optimiser step")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds, from 42")
     parser.add_argument("--budget", type=float, default=1800.0, help="training seconds per case")
     parser.add_argument("--chunks", type=int, default=12, help="evaluations per case (about)")
     parser.add_argument("--sinkhorn-iters", type=int, default=20, help="Sinkhorn iterations per drift at most")
     parser.add_argument("--eval-points", type=int, default=4000, help="exact W2^2 on this many points")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--name", default="repro_large_batch")
     args = parser.parse_args()
     store = Store(args.name)
-    seeds = list(range(42, 42 + args.seeds))
-    for eps in args.eps:
-        for batch in args.batches:
-            for seed in seeds:
-                key = f"{eps:g}|{batch}|{seed}|{args.budget:g}"
-                if key not in store:
-                    store.add(key, run_case(args, eps, batch, seed))
+    seeds = seed_list(args)
+    for key, (eps, batch, seed) in store.pending(lambda e, b, s: f"{e:g}|{b}|{s}|{args.budget:g}", args.eps, args.batches, seeds):
+        store.add(key, run_case(args, eps, batch, seed))
     recs = [r for k, r in store.records.items() if k.endswith(f"|{args.budget:g}") and r["eps"] in args.eps and r["batch"] in args.batches and r["seed"] in seeds]
     table = ["| eps | drift batch | W2^2 at the budget | W2^2 over the last third | optimiser steps in the budget |", "|---|---|---|---|---|"]
     for eps in args.eps:

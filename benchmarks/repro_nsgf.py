@@ -14,10 +14,9 @@ benchmarks/results/repro_nsgf.{json,md}. Resumable after a kill.
 
 from __future__ import annotations
 
-import argparse
 import math
 
-from repro_common import RESULTS, Store, floor_draws, mean_std, train_resumable, write_markdown
+from repro_common import RESULTS, Store, floor_draws, grid_parser, mean_std, seed_list, train_resumable, write_markdown
 
 from driftops.train import TrainConfig, evaluate
 
@@ -27,36 +26,28 @@ PAPER_NSGF_W2: dict[str, float | None] = {"eight_gaussians": None, "moons": None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = grid_parser(__doc__, "repro_nsgf", seeds=3)
     parser.add_argument("--targets", nargs="+", default=["ffjord_eight_gaussians", "ffjord_moons", "ffjord_checkerboard"])
     parser.add_argument("--methods", nargs="+", choices=["nsgf", "sinkhorn_loss"], default=["nsgf", "sinkhorn_loss"])
     parser.add_argument("--eps", type=float, default=0.05, help="Sinkhorn temperature (blur^2 scale, squared-Euclidean cost)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds, from 42")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=1024, help="nsgf: flow particles")
     parser.add_argument("--loss-batch", type=int, default=256, help="sinkhorn_loss: generated and target points per step")
     parser.add_argument("--flow-steps", type=int, default=10, help="nsgf: Sinkhorn flow steps (and Euler steps at sampling)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--name", default="repro_nsgf")
     args = parser.parse_args()
     store = Store(args.name)
-    seeds = list(range(42, 42 + args.seeds))
-    for target in args.targets:
-        for method in args.methods:
-            for seed in seeds:
-                key = f"{target}|{method}|{args.eps:g}|{seed}"
-                if key in store:
-                    continue
-                out = RESULTS / "runs" / args.name / f"{target}-{method}-s{seed}"
-                cfg = TrainConfig(
-                    method=method, target=target, plan="sinkhorn", eps=[args.eps], seed=seed, steps=args.steps,
-                    batch=args.batch if method == "nsgf" else args.loss_batch,
-                    flow_steps=args.flow_steps, lr=1e-3, hidden=256, blocks=4, threads=args.threads, out=str(out), progress=False,
-                )  # fmt: skip
-                summary = train_resumable(cfg)
-                w2sq = evaluate(out, n=1000, seed=10_000 + seed)["w2"]
-                store.add(key, {"target": target, "method": method, "seed": seed, "w2": math.sqrt(w2sq), "seconds": summary["seconds"]})
-                print(f"{key}: W2 {math.sqrt(w2sq):.4g}", flush=True)
+    seeds = seed_list(args)
+    for key, (target, method, seed) in store.pending(lambda t, m, s: f"{t}|{m}|{args.eps:g}|{s}", args.targets, args.methods, seeds):
+        out = RESULTS / "runs" / args.name / f"{target}-{method}-s{seed}"
+        cfg = TrainConfig(
+            method=method, target=target, plan="sinkhorn", eps=[args.eps], seed=seed, steps=args.steps,
+            batch=args.batch if method == "nsgf" else args.loss_batch,
+            flow_steps=args.flow_steps, lr=1e-3, hidden=256, blocks=4, threads=args.threads, out=str(out), progress=False,
+        )  # fmt: skip
+        summary = train_resumable(cfg)
+        w2sq = evaluate(out, n=1000, seed=10_000 + seed)["w2"]
+        store.add(key, {"target": target, "method": method, "seed": seed, "w2": math.sqrt(w2sq), "seconds": summary["seconds"]})
+        print(f"{key}: W2 {math.sqrt(w2sq):.4g}", flush=True)
     table = [
         "| target | " + " | ".join(f"{m} W2" for m in args.methods) + " | floor: W2 of two target draws, 10 times | NSGF paper W2 |",
         "|---|" + "---|" * (len(args.methods) + 2),

@@ -17,9 +17,8 @@ over seeds) and repro_toys_samples.png (first seed). Resumable: rerun the same c
 
 from __future__ import annotations
 
-import argparse
 
-from repro_common import RESULTS, Store, curve, floor_draws, mean_std, train_resumable, write_markdown
+from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, mean_std, seed_list, train_resumable, write_markdown
 
 from driftops import viz
 from driftops.metrics import w2
@@ -40,37 +39,28 @@ PAPER_CODE_2000 = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = grid_parser(__doc__, "repro_toys", seeds=5)
     parser.add_argument("--protocol", choices=list(PRESETS), default="paper", help="training preset")
     parser.add_argument("--targets", nargs="+", default=["eight_gaussians", "checkerboard"])
     parser.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(PLANS))
     parser.add_argument("--eps", nargs="+", type=float, default=[0.1, 0.05, 0.01])
-    parser.add_argument("--seeds", type=int, default=5, help="number of seeds, from 42")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--backend", default="auto", help="drift backend")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--name", default="repro_toys", help="result file stem in benchmarks/results")
     parser.add_argument("--draws", type=int, default=10, help="fresh 1000-vs-1000 draws for the final W2^2 and its floor")
     args = parser.parse_args()
     store = Store(args.name)
-    seeds = list(range(42, 42 + args.seeds))
-    for target in args.targets:
-        for plan in args.plans:
-            for eps in args.eps:
-                for seed in seeds:
-                    key = f"{target}|{plan}|{eps:g}|{seed}"
-                    if key in store:
-                        continue
-                    out = RESULTS / "runs" / args.name / f"{target}-{plan}-eps{eps:g}-s{seed}"
-                    cfg = TrainConfig.from_preset(
-                        args.protocol, target=target, eps=[eps], seed=seed, steps=args.steps, out=str(out),
-                        backend=args.backend, threads=args.threads, checkpoint_every=100, progress=False, **PLANS[plan],
-                    )  # fmt: skip
-                    summary = train_resumable(cfg)
-                    final = evaluate(out, n=1000, seed=10_000 + seed)["w2"]
-                    steps, seconds, w2s = curve(out)
-                    store.add(key, {"target": target, "plan": plan, "eps": eps, "seed": seed, "w2": final, "seconds_per_step": summary["seconds"] / summary["steps"], "curve_steps": steps, "curve_seconds": seconds, "curve_w2": w2s})
-                    print(f"{key}: W2^2 {final:.4g}, {summary['seconds'] / summary['steps']:.3f} s/step", flush=True)
+    seeds = seed_list(args)
+    for key, (target, plan, eps, seed) in store.pending(lambda t, p, e, s: f"{t}|{p}|{e:g}|{s}", args.targets, args.plans, args.eps, seeds):
+        out = RESULTS / "runs" / args.name / f"{target}-{plan}-eps{eps:g}-s{seed}"
+        cfg = TrainConfig.from_preset(
+            args.protocol, target=target, eps=[eps], seed=seed, steps=args.steps, out=str(out),
+            backend=args.backend, threads=args.threads, checkpoint_every=100, progress=False, **PLANS[plan],
+        )  # fmt: skip
+        summary = train_resumable(cfg)
+        final = evaluate(out, n=1000, seed=10_000 + seed)["w2"]
+        steps, seconds, w2s = curve(out)
+        store.add(key, {"target": target, "plan": plan, "eps": eps, "seed": seed, "w2": final, "seconds_per_step": summary["seconds"] / summary["steps"], "curve_steps": steps, "curve_seconds": seconds, "curve_w2": w2s})
+        print(f"{key}: W2^2 {final:.4g}, {summary['seconds'] / summary['steps']:.3f} s/step", flush=True)
     report(args, store, seeds)
 
 
