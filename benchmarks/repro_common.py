@@ -62,8 +62,9 @@ class Store:
     def pending(self, key: Callable[..., str], *axes: Iterable) -> Iterator[tuple[str, tuple]]:
         """``(key(*case), case)`` for each case of the product of ``axes`` (in order) not finished yet."""
         for case in itertools.product(*axes):
-            if key(*case) not in self:
-                yield key(*case), case
+            k = key(*case)
+            if k not in self:
+                yield k, case
 
     def add(self, key: str, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

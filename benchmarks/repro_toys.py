@@ -17,7 +17,6 @@ over seeds) and repro_toys_samples.png (first seed). Resumable: rerun the same c
 
 from __future__ import annotations
 
-
 from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, mean_std, seed_list, train_resumable, write_markdown
 
 from driftops import viz
