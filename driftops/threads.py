@@ -13,11 +13,14 @@ open one parallel region per row cluster, hundreds per call, and two waits decid
   sleep, ~50 us each: an 8192-point Sinkhorn solve at eps 0.01 took 3.1 s against 1.8 s spinning 1000
   times, slower than one thread (2.9 s).
 
-So, at ``import driftops`` (when torch is not imported yet, and the user set neither
-``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``), driftops imports torch with ``GOMP_SPINCOUNT=1000``
-(``SPIN_COUNT``: ~10 us, longer than the gap between two regions, far shorter than a time slice) in the
-environment and restores the environment right after: subprocesses see the user's settings. When torch
-was imported first, its runtime keeps libgomp's default.
+So, at ``import driftops`` (when torch is not imported yet and the user set no ``GOMP_SPINCOUNT``),
+driftops imports torch with ``GOMP_SPINCOUNT=1000`` (``SPIN_COUNT``: ~10 us, longer than the gap between
+two regions, far shorter than a time slice) in the environment and restores the environment right after:
+subprocesses see the user's settings. ``OMP_WAIT_POLICY=PASSIVE`` gets the same spin count: ~10 us of
+spinning keeps the policy's promise (waiting threads take no CPU time worth counting) without a futex
+wake per region (libgomp lets ``GOMP_SPINCOUNT`` override the policy's spin count; set
+``GOMP_SPINCOUNT=0`` for no spinning at all). ``OMP_WAIT_POLICY=ACTIVE`` or a ``GOMP_SPINCOUNT`` of the
+user's is left alone. When torch was imported first, its runtime keeps libgomp's default.
 
 Spinning costs only where threads share cores with other work. So every public driftops call and every
 reduction runs, torch's work and KeOps's alike, on torch's thread count less the cores that other
@@ -43,8 +46,8 @@ from typing import Callable, Iterator, TypeVar
 
 from .errors import DriftopsError
 
-# Variables that already choose libgomp's waiting behaviour: when one is set, driftops leaves it alone.
-WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# OMP_WAIT_POLICY values under which driftops sets its spin count (unset, or passive: see the module docstring).
+SPUN_POLICIES = ("", "passive")
 # Spins of a worker waiting for the next region before it sleeps (libgomp's default: 300,000).
 SPIN_COUNT = 1000
 # Seconds between two measurements of the other processes' load.
@@ -57,8 +60,8 @@ class ThreadSettings:
     """What driftops did to the OpenMP runtime.
 
     spin_count: the ``GOMP_SPINCOUNT`` driftops set at torch's import, or None when it could not
-    (torch was imported first) or should not (the user chose a policy); threads: the thread count of
-    :func:`set_threads`, or None for torch's count less the cores other processes keep busy.
+    (torch was imported first) or should not (the user chose a spin count or an active policy);
+    threads: the thread count of :func:`set_threads`, or None for torch's count less the cores other processes keep busy.
     """
 
     spin_count: int | None = None
@@ -72,7 +75,8 @@ def import_torch() -> None:
     """Import torch with ``GOMP_SPINCOUNT=SPIN_COUNT`` for its OpenMP runtime (see the module docstring)."""
     global _settings
     other_load()  # a first measurement, so that the first reduction already knows the load
-    if any(v in os.environ for v in WAIT_VARIABLES) or "torch" in sys.modules:
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
+    if "GOMP_SPINCOUNT" in os.environ or policy not in SPUN_POLICIES or "torch" in sys.modules:
         import torch  # noqa: F401
 
         return

@@ -45,6 +45,17 @@ def test_import_is_lazy_and_sets_the_spin_count_and_restores_the_environment():
     assert "CUDA libraries not found" not in run.stdout or torch.cuda.is_available()
 
 
+@pytest.mark.parametrize("policy", ["PASSIVE", " passive "])
+def test_passive_policy_gets_the_short_spin_count(policy):
+    code = (
+        "import os, json, driftops; print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), os.environ['OMP_WAIT_POLICY'],"
+        " driftops.threads.settings()['spin_count']]))"
+    )
+    run = _python(code, OMP_DISPLAY_ENV="VERBOSE", OMP_WAIT_POLICY=policy)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [None, policy, threads.SPIN_COUNT]
+    assert _spincount(run.stderr) == threads.SPIN_COUNT  # not libgomp's 0 for a passive policy
+
+
 def _spincount(stderr: str) -> int:
     """libgomp's spin count, from its OMP_DISPLAY_ENV=VERBOSE report."""
     line = next(line for line in stderr.splitlines() if "GOMP_SPINCOUNT" in line)
@@ -57,6 +68,7 @@ def _spincount(stderr: str) -> int:
         ("import torch, driftops", {}, 300_000),  # torch first: its runtime is initialised already (libgomp's default)
         ("import driftops", {"OMP_WAIT_POLICY": "ACTIVE"}, 30_000_000_000),  # the user's choice is kept
         ("import driftops", {"GOMP_SPINCOUNT": "50"}, 50),
+        ("import driftops", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}, 0),  # strictly passive
     ],
 )
 def test_wait_policy_left_alone(code, env, spins):
