@@ -16,8 +16,9 @@ Sinkhorn part reports the time driftops needs to reach the marginal tolerance
 beside the time of the usual fixed 20 alternating normalisations (dense) and
 their marginal error, and GeomLoss's gradient time.
 
-    python benchmarks/bench_drift.py --loads-only    # the load table alone (about 4 minutes on 2 cores)
-    python benchmarks/bench_drift.py                 # everything (about 20 minutes)
+    python benchmarks/bench_drift.py --loads-only    # the load table alone (about 45 minutes on 2 cores)
+    python benchmarks/bench_drift.py --loads-only --plans one_sided two_sided   # without Sinkhorn (about 8 minutes)
+    python benchmarks/bench_drift.py                 # everything (about 65 minutes)
     python benchmarks/bench_drift.py --quick         # small sizes, a few minutes
     python benchmarks/bench_drift.py --loads-only --loads idle --envs default generic   # compiler flags
 """

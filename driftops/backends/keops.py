@@ -17,7 +17,7 @@ from .base import MASK_PENALTY, Backend
 
 
 # Compiler flags of KeOps's CPU formulas when the user set no CXXFLAGS (x86-64 Linux with g++ or clang): code for
-# this machine's CPU (FMA, AVX-512 where present): 8192-point 2D drifts at eps 0.1 10-14% faster (the load table of
+# this machine's CPU (FMA, AVX-512 where present): 8192-point 2D drifts at eps 0.1 4-15% faster (the load table of
 # benchmarks/bench_drift.py, environments default and generic). KeOps keys its cache on the flags, and its build
 # folder on the host name, so a cache shared by different CPUs does not mix their libraries.
 NATIVE_CXXFLAGS = "-march=native"
