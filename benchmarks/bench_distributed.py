@@ -20,13 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as tmp
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import driftops  # noqa: E402
+import driftops  # noqa: E402  (this checkout's; before torch, as the driftops command does: see driftops.threads)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as tmp  # noqa: E402
 from driftops.parallel import Comm, Sharding, divide_cores  # noqa: E402
 
 from common import print_table, save  # noqa: E402

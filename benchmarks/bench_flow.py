@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import driftops  # noqa: E402,F401  (before torch, as the driftops command does: see driftops.threads)
 import torch  # noqa: E402
 from common import machine_info, measure, print_machine, print_table, save  # noqa: E402
 

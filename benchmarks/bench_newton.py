@@ -22,6 +22,7 @@ import argparse
 import math
 import time
 
+import driftops  # noqa: F401  (before torch, as the driftops command does: see driftops.threads)
 import torch
 from bench_sinkhorn import clouds
 from common import machine_info, print_machine, print_table, save

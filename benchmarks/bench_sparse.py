@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import driftops  # noqa: E402,F401  (this checkout's; before torch, as the driftops command does: see driftops.threads)
+import torch  # noqa: E402
 from common import machine_info, print_machine  # noqa: E402
 
 

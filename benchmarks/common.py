@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import driftops  # before torch, as the driftops command does: see driftops.threads
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,7 +44,6 @@ def machine_info() -> dict:
     KeOps compiles with (driftops imported first: it sets those flags when it imports KeOps)."""
     from threadpoolctl import threadpool_info
 
-    import driftops
     import keopscore
 
     try:

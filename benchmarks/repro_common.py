@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import driftops  # noqa: F401  (before torch, as the driftops command does: see driftops.threads)
 import numpy as np
 import torch
 
