@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import driftops  # noqa: E402,F401  (before torch, as the driftops command does: see driftops.threads)
+import driftops  # noqa: E402  (before torch, as the driftops command does: see driftops.threads)
 import torch  # noqa: E402
 from common import machine_info, measure, print_machine, print_table, save  # noqa: E402
 
@@ -80,8 +80,6 @@ def exact_rows(x, y, rows, eps, calls) -> torch.Tensor:
 
 
 def case(n: int, plan: str, args) -> dict:
-    import driftops
-
     x, y = clouds(n)
     be = recording_backend(args.thr)
     res: dict = {"n": n, "plan": plan}
