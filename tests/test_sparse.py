@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -252,8 +254,8 @@ def test_inference_mode_tensors():
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_kdtree_candidates_match_dense_mask(monkeypatch, weighted):
-    """The k-d tree path (used above 2^20 cluster pairs) keeps a superset of the dense rule's blocks
-    (its lower bound is a max over a subset), few more, and stays accurate, with and without self mask, and with
+    """The k-d tree path (used above 2^20 cluster pairs) keeps nearly the dense rule's blocks (its lower bounds
+    come from a subset of the column clusters) and stays accurate, with and without self mask, and with
     log-weights varying by a few tenths (strongly varying ones make it fall back to the dense mask)."""
     x, y = clouds(6000, 5000, 2, torch.float32, seed=19)
     logw = torch.randn(5000, generator=torch.Generator().manual_seed(20)) * 0.1 if weighted else None
@@ -269,7 +271,8 @@ def test_kdtree_candidates_match_dense_mask(monkeypatch, weighted):
                 tree = sparse._keep_blocks(cx, cy, 1e-2, "sqeuclidean", 20.0, lws, off is not None)
             t = tree.dense()
             assert torch.equal(sparse.Blocks.from_mask(t).start, tree.start)  # maximal runs either way
-            assert bool(t[dense].all()) and t.sum() <= 1.05 * dense.sum(), (int(t.sum()), int(dense.sum()))
+            # The same rule on other candidates for its representatives: nearly the same blocks.
+            assert float(t[dense].float().mean()) > 0.98 and abs(int(t.sum()) - int(dense.sum())) <= 0.05 * int(dense.sum())
             check(a, b, 1e-2, logw=lw, self_offset=off, thr=20.0)
 
 
@@ -288,3 +291,87 @@ def test_grid_labels_count_or_sort_alike(d, monkeypatch):
         q = torch.floor((x[:3000] - x[:3000].amin(0)) / size)
         same = (q[:, None] == q[None]).all(-1)
         assert torch.equal(same, counted[:, None] == counted[None]) and int(counted.max()) + 1 == len(torch.unique(q, dim=0))
+
+
+def kept_points(cx, cy, blocks) -> torch.Tensor:
+    """(N, M) boolean: the point pairs the kept blocks cover, in the clouds' original orders."""
+    sorted_mask = blocks.dense()[cx.labels][:, cy.labels]
+    out = torch.zeros_like(sorted_mask)
+    out[cx.perm[:, None], cy.perm[None, :]] = sorted_mask
+    return out
+
+
+def assert_rule_holds(x, y, eps, logw, blocks, cx, cy, truncation, self_mask):
+    """Every dropped entry of every row is below its largest kept entry by more than ``truncation`` (float64)."""
+    logits = logw.double()[None] - ((x.double()[:, None] - y.double()[None]) ** 2).sum(-1) / eps
+    if self_mask:
+        logits.fill_diagonal_(-float("inf"))
+    kept = kept_points(cx, cy, blocks)
+    best_kept = logits.masked_fill(~kept, -float("inf")).amax(1)
+    best_dropped = logits.masked_fill(kept, -float("inf")).amax(1)
+    assert bool(torch.isfinite(best_kept).all())
+    assert bool((best_dropped < best_kept - truncation).all()), float((best_dropped - best_kept).max())
+
+
+def sinkhorn_like(y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Smooth log-weights varying by hundreds across the cloud, like Sinkhorn's ``g / eps`` at small eps: g = |y|^2 -
+    2 phi(y) with phi convex, plus a little noise."""
+    g = torch.Generator().manual_seed(23)
+    yd = y.double()
+    trend = (yd**2).sum(1) - 2 * (0.6 * (yd**2).sum(1) + yd @ torch.linspace(0.5, -0.3, y.shape[1], dtype=torch.float64))
+    return trend / eps + 0.1 * torch.randn(y.shape[0], generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("tree", [False, True])
+def test_weighted_rule_holds_pointwise(d, tree, monkeypatch):
+    """The refined test for log-weights drops only what the rule allows, on the dense mask and the k-d tree path, with
+    and without a self mask, at small truncations where a wrong bound shows."""
+    if tree:
+        monkeypatch.setattr(sparse, "DENSE_MASK_PAIRS", 0)
+    x, y = clouds(1500, 1200, d, torch.float64, seed=24 + d)
+    for eps, thr in ((1e-2, 3.0), (3e-2, 8.0)):
+        for a, b, self_mask in ((x, y, False), (y, y, True)):
+            logw = sinkhorn_like(b, eps)
+            sb = SparseBackend(thr, cell_size=0.15 if d == 3 else 0.05, slack=0.0)
+            cx, cy, blocks = sb.plan_blocks(a, b, eps, "sqeuclidean", logw, self_mask)
+            assert_rule_holds(a, b, eps, logw, blocks, cx, cy, thr, self_mask)
+
+
+def test_weighted_rule_keeps_fewer_pairs(monkeypatch):
+    """On a converged Sinkhorn drift's own column log-weights ``g / eps - log M``, the refined test drops blocks the
+    constant bound keeps (4-9% of the pairs at this size, 15% at 65k points), and the reductions stay exact."""
+    import driftops
+
+    x, y = clouds(6000, 5000, 2, torch.float32, seed=27)
+    _, info = driftops.drift(x, y, eps=1e-2, plan="sinkhorn", return_info=True)
+    logw = info.sinkhorn[1e-2][0].g.double() / 1e-2 - math.log(5000)
+    sb = SparseBackend(slack=0.0)
+    refined = sb.kept_fraction(*sb.plan_blocks(x, y, 1e-2, "sqeuclidean", logw))[1]
+    check(x, y, 1e-2, logw=logw.float())
+    monkeypatch.setattr(sparse, "_refine", lambda cx, cy, cols, ii, jj, *rest: torch.ones_like(ii, dtype=torch.bool))
+    sb = SparseBackend(slack=0.0)
+    constant = sb.kept_fraction(*sb.plan_blocks(x, y, 1e-2, "sqeuclidean", logw))[1]
+    assert refined < 0.95 * constant, (refined, constant)
+
+
+def test_blocks_reused_while_log_weights_move_less_than_the_slack():
+    x, y = clouds(1500, 1200, 2, torch.float64, seed=28)
+    eps, thr = 1e-2, 3.0
+    logw = sinkhorn_like(y, eps)
+    sb = SparseBackend(thr, cell_size=0.05, slack=0.5)
+    cx, cy, first = sb.plan_blocks(x, y, eps, "sqeuclidean", logw)
+    assert sb.plan_blocks(x, y, eps, "sqeuclidean", logw + 123.0)[2] is first  # a constant changes no ratio
+    wiggle = torch.rand(1200, generator=torch.Generator().manual_seed(29), dtype=torch.float64)
+    moved = logw + 0.5 * wiggle / wiggle.max()
+    assert sb.plan_blocks(x, y, eps, "sqeuclidean", moved)[2] is first
+    assert_rule_holds(x, y, eps, moved, first, cx, cy, thr, False)  # the slack keeps the rule for moved weights
+    assert sb.plan_blocks(x, y, eps, "sqeuclidean", logw + wiggle)[2] is not first
+    masked = logw.clone()
+    masked[0] = -float("inf")  # a new zero weight: planned anew
+    assert sb.plan_blocks(x, y, eps, "sqeuclidean", masked)[2] is not first
+    assert sb.plan_blocks(x, y, eps, "sqeuclidean", None)[2] is sb.plan_blocks(x, y, eps, "sqeuclidean")[2]
+    sb.truncation = 4.0  # above what the blocks were planned for
+    assert sb.plan_blocks(x, y, eps, "sqeuclidean", logw)[2] is not first
+    with pytest.raises(DriftopsError, match="slack"):
+        SparseBackend(slack=-1.0)

@@ -12,6 +12,11 @@ contiguous *cluster* (KeOps block-sparse ``ranges``). For a row cluster I and a 
 Block (I, J) is kept iff ``U_IJ >= B_I - truncation``: every dropped entry weighs less than
 ``exp(-truncation)`` times an entry kept in its row, whatever the column log-weights (Sinkhorn's
 strongly varying ``log b + g/eps`` included), and every row keeps the block of its ``B_I``.
+With log-weights and the squared Euclidean cost, a kept block must also pass a tighter test that
+follows the log-weights' trend across each cell and pays the row box's width on the kernel's scale
+rather than on the transport's displacement (:func:`_centred_excess`): ~15% fewer pairs for Sinkhorn's
+drift at 65k points. Kept blocks are reused while the log-weights move by less than a slack (see
+:class:`SparseBackend`), so a Sinkhorn loop plans a pair of clouds about once instead of every half-step.
 Above 2^20 cluster pairs the rule is not evaluated on all K_I * K_J pairs: a lower bound from the
 4 nearest representatives limits the distance of any kept pair, and a k-d tree (scipy) lists the
 candidate pairs within it (see :func:`_keep_blocks`); the kept pairs are the same or a few more.
@@ -142,17 +147,92 @@ def _fingerprint(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), version)
 
 
-def _column_bounds(cy: Clustering, logw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per column cluster J (float64): the largest log-weight ``Lmax_J`` (K_J,), the log-weight of its
-    representative point (K_J,), and the representative points themselves (K_J, D)."""
-    k_j = cy.lo.shape[0]
+@dataclass(frozen=True)
+class ColumnBounds:
+    """Bounds on the column log-weights of each column cluster J (float64, K_J clusters, D dims).
+
+    lmax: (K_J,) largest log-weight; lrep: (K_J,) log-weight of the representative point, rep: (K_J, D).
+    Affine bound (sqeuclidean cost with log-weights, else None): ``logw_j <= top_J + <slope_J, y_j - centre_J>``
+    for every j in J, with ``slope`` (K_J, D) a least-squares fit and ``top`` (K_J,) the smallest offset that
+    makes it hold; ``centre`` (K_J, D) the box centres. Sinkhorn's ``log b + g/eps`` varies across a cell mostly
+    along ``grad g / eps``, which the affine bound follows and the constant ``lmax`` does not.
+    """
+
+    lmax: torch.Tensor
+    lrep: torch.Tensor
+    rep: torch.Tensor
+    centre: torch.Tensor | None = None
+    slope: torch.Tensor | None = None
+    top: torch.Tensor | None = None
+
+
+def _column_bounds(cy: Clustering, logw: torch.Tensor | None, cost: str) -> ColumnBounds:
+    """The :class:`ColumnBounds` of the clustered columns ``cy`` with log-weights ``logw`` (M,) sorted as cy."""
+    rep = cy.points[cy.rep].to(torch.float64)
+    k_j, d = cy.lo.shape
     if logw is None:
-        lmax = lrep = cy.lo.new_zeros(k_j)
-    else:
-        lw = logw.detach().to(torch.float64)
-        lmax = lw.new_full((k_j,), -math.inf).scatter_reduce(0, cy.labels, lw, "amax")
-        lrep = lw[cy.rep]
-    return lmax, lrep, cy.points[cy.rep].to(torch.float64)
+        zero = cy.lo.new_zeros(k_j)
+        return ColumnBounds(zero, zero, rep)
+    lw = logw.detach().to(torch.float64)
+    lab = cy.labels
+    lmax = lw.new_full((k_j,), -math.inf).scatter_reduce(0, lab, lw, "amax")
+    if cost_power(cost) != 2:
+        return ColumnBounds(lmax, lw[cy.rep], rep)
+    centre = (cy.lo + cy.hi) / 2
+    dy = cy.points.to(torch.float64) - centre[lab]
+    finite = torch.isfinite(lw)
+    h = torch.where(finite, lw - lmax[lab], 0.0)  # finite wherever lw is
+    w = finite.to(torch.float64)
+    n = lw.new_zeros(k_j).index_add_(0, lab, w).clamp_min_(1.0)
+    yc = (dy - lw.new_zeros(k_j, d).index_add_(0, lab, dy * w[:, None]).div_(n[:, None])[lab]) * w[:, None]
+    hc = (h - lw.new_zeros(k_j).index_add_(0, lab, h).div_(n)[lab]) * w
+    cov = lw.new_zeros(k_j, d, d).index_add_(0, lab, yc[:, :, None] * yc[:, None, :])
+    ridge = 1e-9 * cy.cell_size**2 * n[:, None, None] * torch.eye(d, dtype=lw.dtype, device=lw.device)
+    slope = torch.linalg.solve(cov + ridge, lw.new_zeros(k_j, d).index_add_(0, lab, yc * hc[:, None]))
+    slope = torch.where(torch.isfinite(slope), slope, 0.0)  # any slope gives a valid bound
+    top = lw.new_full((k_j,), -math.inf).scatter_reduce(0, lab, lw - (dy * slope[lab]).sum(1), "amax")
+    return ColumnBounds(lmax, lw[cy.rep], rep, centre, slope, top)
+
+
+def _centred_excess(cx: Clustering, cy: Clustering, cols: ColumnBounds, ii: torch.Tensor, jj: torch.Tensor, ri: torch.Tensor, eps: float) -> torch.Tensor:
+    """(P,) upper bound of ``logit(x, y) - logit(x, r)`` over x in box I = ii, y in cluster J = jj and the representative
+    r of cluster ri (squared Euclidean cost). Around I's box centre c, with x = c + u and |u_d| <= a_d (half-widths),
+    ``logit(x, y) = psi(y) + 2 <u, y - c> / eps - |u|^2 / eps`` with ``psi(y) = logw_y - |y - c|^2 / eps``, so the
+    difference is at most ``max_J psi - psi(r) + 2 sum_d a_d max_J |y_d - r_d| / eps``: the box's width is paid on
+    the distance from y to r (the kernel's width), not on the distance from x to them (the transport's displacement).
+    ``max_J psi`` uses the affine bound of the log-weights: per dimension, the concave
+    ``s (y - centre) - (y - c)^2 / eps`` peaks at ``c + s eps / 2``, clamped to J's interval."""
+    c, half = (cx.lo[ii] + cx.hi[ii]) / 2, (cx.hi[ii] - cx.lo[ii]) / 2
+    r = cols.rep[ri]
+    excess = cols.top[jj] - cols.lrep[ri] + ((r - c) ** 2).sum(1) / eps
+    for d in range(cx.lo.shape[1]):
+        lo, hi, cd, rd, s = cy.lo[jj, d], cy.hi[jj, d], c[:, d], r[:, d], cols.slope[jj, d]
+        y = (cd + s * (eps / 2)).clamp_(lo, hi)
+        excess += s * (y - cols.centre[jj, d])
+        excess += (2 * half[:, d] * torch.maximum((lo - rd).abs_(), (hi - rd).abs_()) - (y - cd) ** 2) / eps
+    return excess
+
+
+def _refine(cx: Clustering, cy: Clustering, cols: ColumnBounds, ii: torch.Tensor, jj: torch.Tensor, best: torch.Tensor, eps: float, truncation: float, offset: int = 0) -> torch.Tensor:
+    """(P,) whether the pairs (ii, jj) pass the centred rule for the two best representatives ``best`` (K_I, 2) (columns
+    r of largest ``logit(c_I, r)``; row ``ii - offset`` of ``best`` for I = ii): block J is dropped only if every row
+    of I has a representative entry exceeding all of J's by more than ``truncation``. Either representative may be a
+    row's masked self pair, never both."""
+    keep = _centred_excess(cx, cy, cols, ii, jj, best[ii - offset, 0], eps) >= -truncation
+    return keep | (_centred_excess(cx, cy, cols, ii, jj, best[ii - offset, 1], eps) >= -truncation)
+
+
+def _best_representatives(cx: Clustering, cols: ColumnBounds, ii: torch.Tensor, jj: torch.Tensor, k_i: int, eps: float) -> torch.Tensor:
+    """(K_I, 2) the two column clusters among the pairs (ii, jj) (every row cluster in ii at least once) whose
+    representatives have the largest logits at the centre of I's box (the best one twice if there is one only)."""
+    centre = (cx.lo[ii] + cx.hi[ii]) / 2
+    value = cols.lrep[jj] - ((cols.rep[jj] - centre) ** 2).sum(1) / eps
+    order = torch.sort(value, descending=True, stable=True).indices
+    order = order[torch.sort(ii[order], stable=True).indices]
+    counts = torch.bincount(ii, minlength=k_i)
+    first = torch.cumsum(counts, 0) - counts
+    top = jj[order[first]]
+    return torch.stack([top, jj[order[first + (counts >= 2)]]], 1)
 
 
 def _keep_mask(
@@ -174,7 +254,8 @@ def _keep_mask(
     """
     p = cost_power(cost)
     k_i, k_j = cx.lo.shape[0], cy.lo.shape[0]
-    lmax, lrep, rep = _column_bounds(cy, logw)
+    cols = _column_bounds(cy, logw, cost)
+    lmax, lrep, rep = cols.lmax, cols.lrep, cols.rep
     keep = torch.empty(k_i, k_j, dtype=torch.bool, device=cx.lo.device)
     step = max(1, PAIR_CHUNK // max(k_j * cx.lo.shape[1], 1))
     for s in range(0, k_i, step):
@@ -192,7 +273,14 @@ def _keep_mask(
             best = lower.topk(2, dim=1).values[:, 1]
         else:
             best = lower.new_full((lower.shape[0],), -math.inf)
-        keep[s : s + step] = lmax[None] - cmin / eps >= (best - truncation)[:, None]
+        rows = lmax[None] - cmin / eps >= (best - truncation)[:, None]
+        if cols.slope is not None:
+            centre = (cx.lo[s : s + step] + cx.hi[s : s + step]) / 2
+            at_centre = lrep[None] - ((rep[None] - centre[:, None]) ** 2).sum(2) / eps
+            top = at_centre.topk(min(2, k_j), dim=1).indices
+            ki, kj = rows.nonzero(as_tuple=True)
+            rows[ki, kj] = _refine(cx, cy, cols, ki + s, kj, top[:, [0, -1]], eps, truncation, s)
+        keep[s : s + step] = rows
     return keep
 
 
@@ -287,7 +375,8 @@ def _keep_blocks(
     from scipy.spatial import cKDTree
 
     p = cost_power(cost)
-    lmax, lrep, rep = _column_bounds(cy, logw)
+    cols = _column_bounds(cy, logw, cost)
+    lmax, lrep, rep = cols.lmax, cols.lrep, cols.rep
     centre_i, centre_j = (cx.lo + cx.hi) / 2, (cy.lo + cy.hi) / 2
     half_i, half_j = (cx.hi - cx.lo).norm(dim=1) / 2, float((cy.hi - cy.lo).norm(dim=1).amax()) / 2
     tree = cKDTree(rep.numpy())
@@ -317,8 +406,38 @@ def _keep_blocks(
     upper, lower = _pair_bounds(cx, cy, ii, jj, eps, p, lmax, lrep, rep)
     best = torch.maximum(best, _group_best(ii, lower, k_i, self_mask))
     kept = upper >= (best - truncation)[ii]
+    if cols.slope is not None:
+        reps = _best_representatives(cx, cols, torch.cat([i0, ii]), torch.cat([near.reshape(-1), jj]), k_i, eps)
+        ii, jj = ii[kept], jj[kept]
+        kept = _refine(cx, cy, cols, ii, jj, reps, eps, truncation)
     key = torch.sort(ii[kept] * k_j + jj[kept]).values
     return Blocks.from_pairs(key // k_j, key % k_j, (k_i, k_j))
+
+
+def _spread(old: torch.Tensor | None, new: torch.Tensor | None) -> float:
+    """How far log-weights moved from ``old`` to ``new`` (M,), up to a constant (which no row's ratios see): max - min
+    of ``new - old`` over the finite entries; 0 without log-weights, inf if the finite entries differ."""
+    if old is None or new is None:
+        return 0.0 if old is None and new is None else math.inf
+    finite = torch.isfinite(new)
+    if not torch.equal(finite, torch.isfinite(old)):
+        return math.inf
+    moved = (new - old)[finite]
+    return float(moved.amax() - moved.amin()) if moved.numel() else 0.0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Kept blocks of one call: its clouds (held, so their ``data_ptr`` in the cache key is not reused), their
+    clusterings, the sorted float64 column log-weights (or None) and truncation they were planned for."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    cx: Clustering
+    cy: Clustering
+    logw: torch.Tensor | None
+    truncation: float
+    blocks: Blocks
 
 
 def block_ranges(ranges_i: torch.Tensor, ranges_j: torch.Tensor, blocks: Blocks) -> tuple[torch.Tensor, ...]:
@@ -340,7 +459,10 @@ class SparseBackend(Backend):
     """Block-sparse truncated KeOps reductions (D <= 3, no gradients); exact on kept blocks.
 
     ``truncation``: log-ratio below which cluster pairs are dropped (every dropped entry weighs
-    less than ``exp(-truncation)`` times a kept entry of its row). ``cell_size``: grid cell side;
+    less than ``exp(-truncation)`` times a kept entry of its row). ``slack``: kept blocks planned for
+    column log-weights are planned at ``truncation + slack`` and reused by later calls on the same clouds
+    whose log-weights moved by at most ``slack`` up to a constant (a Sinkhorn loop's successive
+    potentials), so the rule still holds for them; 0 plans every call anew. ``cell_size``: grid cell side;
     by default ``R / 8`` for both clouds, with R the truncation radius (``sqrt(truncation·eps)``
     for sqeuclidean, ``truncation·eps`` for euclidean), enlarged by 1.25x until clusters hold
     >= 16 points on average (256 on a GPU) and a cloud has at most 16384 clusters.
@@ -349,17 +471,21 @@ class SparseBackend(Backend):
     name = "sparse"
     cache_size = 8
 
-    def __init__(self, truncation: float = 20.0, cell_size: float | None = None) -> None:
+    def __init__(self, truncation: float = 20.0, cell_size: float | None = None, slack: float = 0.5) -> None:
         if truncation <= 0:
             raise DriftopsError(f"truncation must be > 0 (a log-ratio, e.g. 20), got {truncation!r}")
+        if not slack >= 0:
+            raise DriftopsError(f"slack must be >= 0 (a log-ratio, e.g. 0.5), got {slack!r}")
         if cell_size is not None and cell_size <= 0:
             raise DriftopsError(f"cell_size must be > 0 or None (automatic), got {cell_size!r}")
         self.truncation = float(truncation)
         self.cell_size = cell_size
+        self.slack = float(slack)
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, Clustering]] = OrderedDict()
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
 
     def __repr__(self) -> str:
-        return f"SparseBackend(truncation={self.truncation}, cell_size={self.cell_size})"
+        return f"SparseBackend(truncation={self.truncation}, cell_size={self.cell_size}, slack={self.slack})"
 
     # -- clustering ---------------------------------------------------------------------------
     def clustering(self, x: torch.Tensor, eps: float, cost: str) -> Clustering:
@@ -397,12 +523,28 @@ class SparseBackend(Backend):
         self_mask: bool = False,
     ) -> tuple[Clustering, Clustering, Blocks]:
         """Clusterings of x and y and the kept cluster pairs for these logits (``self_mask``: one pair
-        per row is masked)."""
+        per row is masked), reused from an earlier call on the same clouds when allowed (see ``slack``)."""
         self._check(x, y)
+        x, y = x.detach(), y.detach()
         cx, cy = self.clustering(x, eps, cost), self.clustering(y, eps, cost)
-        lw = logw.detach()[cy.perm].contiguous() if logw is not None else None
+        lw = logw.detach()[cy.perm].to(torch.float64) if logw is not None else None
+        key = (_fingerprint(x), _fingerprint(y), eps, cost, self_mask)
+        hit = self._plans.get(key)
+        if (
+            hit is not None
+            and hit.cx is cx
+            and hit.cy is cy
+            and hit.truncation - self.truncation >= _spread(hit.logw, lw)
+        ):
+            self._plans.move_to_end(key)
+            return cx, cy, hit.blocks
+        truncation = self.truncation + (self.slack if lw is not None else 0.0)
         # Every row cluster keeps at least the block of its B_I (module docstring): no check (a host sync) needed.
-        return cx, cy, _keep_blocks(cx, cy, eps, cost, self.truncation, lw, self_mask)
+        keep = _keep_blocks(cx, cy, eps, cost, truncation, lw, self_mask)
+        self._plans[key] = _Plan(x, y, cx, cy, lw, truncation, keep)
+        while len(self._plans) > self.cache_size:
+            self._plans.popitem(last=False)
+        return cx, cy, keep
 
     @staticmethod
     def kept_fraction(cx: Clustering, cy: Clustering, keep: Blocks) -> tuple[float, float]:
