@@ -19,7 +19,7 @@ drift at 65k points. Kept blocks are reused while the log-weights move by less t
 :class:`SparseBackend`), so a Sinkhorn loop plans a pair of clouds about once instead of every half-step.
 Above 2^20 cluster pairs the rule is not evaluated on all K_I * K_J pairs: a lower bound from the
 4 nearest representatives limits the distance of any kept pair, and a k-d tree (scipy) lists the
-candidate pairs within it (see :func:`_keep_blocks`); the kept pairs are the same or a few more.
+candidate pairs within it (see :func:`_keep_blocks`); the kept pairs are nearly the same.
 Kept blocks are reduced exactly by KeOps, so a row sum has relative error at most
 ``(number of dropped entries) * exp(-truncation)``, and far less in practice (measured ~1e-7
 at truncation 20, see ``benchmarks/bench_sparse.py``).
