@@ -167,14 +167,13 @@ class ColumnBounds:
     lmax: (K_J,) largest log-weight; lrep: (K_J,) log-weight of the representative point, rep: (K_J, D).
     Affine bound (sqeuclidean cost with log-weights, else None): ``logw_j <= top_J + <slope_J, y_j - centre_J>``
     for every j in J, with ``slope`` (K_J, D) a least-squares fit and ``top`` (K_J,) the smallest offset that
-    makes it hold; ``centre`` (K_J, D) the box centres. Sinkhorn's ``log b + g/eps`` varies across a cell mostly
+    makes it hold, ``centre_J`` the centre of J's box. Sinkhorn's ``log b + g/eps`` varies across a cell mostly
     along ``grad g / eps``, which the affine bound follows and the constant ``lmax`` does not.
     """
 
     lmax: torch.Tensor
     lrep: torch.Tensor
     rep: torch.Tensor
-    centre: torch.Tensor | None = None
     slope: torch.Tensor | None = None
     top: torch.Tensor | None = None
 
@@ -204,7 +203,7 @@ def _column_bounds(cy: Clustering, logw: torch.Tensor | None, cost: str) -> Colu
     slope = torch.linalg.solve(cov + ridge, lw.new_zeros(k_j, d).index_add_(0, lab, yc * hc[:, None]))
     slope = torch.where(torch.isfinite(slope), slope, 0.0)  # any slope gives a valid bound
     top = lw.new_full((k_j,), -math.inf).scatter_reduce(0, lab, lw - _dot(dy, slope[lab]), "amax")
-    return ColumnBounds(lmax, lw[cy.rep], rep, centre, slope, top)
+    return ColumnBounds(lmax, lw[cy.rep], rep, slope, top)
 
 
 def _centred_excess(cx: Clustering, cy: Clustering, cols: ColumnBounds, ii: torch.Tensor, jj: torch.Tensor, ri: torch.Tensor, eps: float) -> torch.Tensor:
@@ -221,19 +220,19 @@ def _centred_excess(cx: Clustering, cy: Clustering, cols: ColumnBounds, ii: torc
     for d in range(cx.lo.shape[1]):
         lo, hi, cd, rd, s = cy.lo[jj, d], cy.hi[jj, d], c[:, d], r[:, d], cols.slope[jj, d]
         y = (cd + s * (eps / 2)).clamp_(lo, hi)
-        excess += s * (y - cols.centre[jj, d])
+        excess += s * (y - (lo + hi) / 2)
         excess += (2 * half[:, d] * torch.maximum((lo - rd).abs_(), (hi - rd).abs_()) - (y - cd) ** 2) / eps
     return excess
 
 
-def _refine(cx: Clustering, cy: Clustering, cols: ColumnBounds, ii: torch.Tensor, jj: torch.Tensor, best: torch.Tensor, eps: float, truncation: float, offset: int = 0) -> torch.Tensor:
-    """(P,) whether the pairs (ii, jj) pass the centred rule for the best representatives ``best`` (K_I, R) (columns r
-    of largest ``logit(c_I, r)``; row ``ii - offset`` of ``best`` for I = ii): block J is dropped only if every row of
-    I has a representative entry exceeding all of J's by more than ``truncation``. With a self mask R = 2: either may
-    be a row's masked self pair, never both."""
+def _refine(cx: Clustering, cy: Clustering, cols: ColumnBounds, ii: torch.Tensor, jj: torch.Tensor, best: torch.Tensor, eps: float, truncation: float) -> torch.Tensor:
+    """(P,) whether the pairs (ii, jj) pass the centred rule for the best representatives ``best`` (P, R) of their row
+    clusters (columns r of largest ``logit(c_I, r)``): block J is dropped only if every row of I has a representative
+    entry exceeding all of J's by more than ``truncation``. With a self mask R = 2: either may be a row's masked self
+    pair, never both."""
     keep = torch.zeros_like(ii, dtype=torch.bool)
     for r in range(best.shape[1]):
-        keep |= _centred_excess(cx, cy, cols, ii, jj, best[ii - offset, r], eps) >= -truncation
+        keep |= _centred_excess(cx, cy, cols, ii, jj, best[:, r], eps) >= -truncation
     return keep
 
 
@@ -295,7 +294,7 @@ def _keep_mask(
             at_centre = lrep[None] - _dot(gap, gap) / eps
             top = at_centre.topk(min(1 + self_mask, k_j), dim=1).indices
             ki, kj = rows.nonzero(as_tuple=True)
-            rows[ki, kj] = _refine(cx, cy, cols, ki + s, kj, top, eps, truncation, s)
+            rows[ki, kj] = _refine(cx, cy, cols, ki + s, kj, top[ki], eps, truncation)
         keep[s : s + step] = rows
     return keep
 
@@ -425,7 +424,7 @@ def _keep_blocks(
     if cols.slope is not None and kept.sum() <= REFINE_MAX_SHARE * k_i * k_j:
         reps = _best_representatives(cx, cols, torch.cat([i0, ii]), torch.cat([near.reshape(-1), jj]), k_i, eps, 1 + self_mask)
         ii, jj = ii[kept], jj[kept]
-        kept = _refine(cx, cy, cols, ii, jj, reps, eps, truncation)
+        kept = _refine(cx, cy, cols, ii, jj, reps[ii], eps, truncation)
     key = torch.sort(ii[kept] * k_j + jj[kept]).values
     return Blocks.from_pairs(key // k_j, key % k_j, (k_i, k_j))
 
