@@ -39,6 +39,11 @@ MASK_PENALTY = 1e30
 DIAGONAL_SHARE = 0.5
 
 
+def topk_width(k: int) -> int:
+    """The number of entries a top-k reduction keeps: k rounded up to a power of two."""
+    return 1 << (k - 1).bit_length()
+
+
 class Backend(ABC):
     """A way to evaluate the two reductions of the module docstring.
 
@@ -66,9 +71,16 @@ class Backend(ABC):
         raise DriftopsError(f"the {self.name} backend has no top-k reduction: use Sinkhorn(newton=0)")
 
     def topk(self, x: torch.Tensor, y: torch.Tensor, eps: float, cost: str, logw: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``reduce_topk`` with k at most M, under the thread settings of :func:`driftops.threads.call`."""
+        """``reduce_topk`` with k at most M, under the thread settings of :func:`driftops.threads.call`: the reduction
+        keeps :func:`topk_width` entries (one compiled formula per octave of k), of which the k largest are returned."""
         k = min(k, y.shape[0])
-        return threads.call(lambda: self.reduce_topk(x.detach(), y.detach(), eps, cost, None if logw is None else logw.detach(), k), x.device.type == "cpu")
+        width = topk_width(k)
+        args = (x.detach(), y.detach(), eps, cost, None if logw is None else logw.detach(), width)
+        top, cols = threads.call(lambda: self.reduce_topk(*args), x.device.type == "cpu")
+        if top.shape[1] == k:
+            return top, cols
+        best = top.topk(k, dim=1).indices
+        return top.gather(1, best), cols.gather(1, best)
 
     def lse(
         self,

@@ -149,7 +149,7 @@ class DenseBackend(Backend):
         return _kernel_sums(*scaled, values)
 
     def reduce_topk(self, x, y, eps, cost, logw, k):
-        top = torch.topk(self.logits(x, y, eps, cost, logw, None), k, dim=1)
+        top = torch.topk(self.logits(x, y, eps, cost, logw, None), min(k, y.shape[0]), dim=1)
         return top.values, top.indices
 
 

@@ -32,6 +32,7 @@ import torch
 
 from ..costs import check_cost
 from ..errors import DriftopsError
+from .base import topk_width
 
 SHAPES = ("lse", "mean")
 # Name of the file, in KeOps's cache folder, listing the formulas the warm-up has compiled there.
@@ -116,7 +117,7 @@ def job_formulas(
 
         newton = NEWTON_K if low_dim_path(get_backend(backend), dim) else 0
     if newton and "sinkhorn" in plans:
-        out.append(Formula(f"top{newton}", cost, False, sparse, dim, dtype, device))
+        out.append(Formula(f"top{topk_width(newton)}", cost, False, sparse, dim, dtype, device))
     return out
 
 
