@@ -84,6 +84,23 @@ def _agreed_finite(t: torch.Tensor, comm: Comm, what: str) -> torch.Tensor:
     return t
 
 
+def _recentred(src: Cloud, dst: Cloud, plan: str | None, cost: str, solver: Sinkhorn) -> Cloud:
+    """The source of the cross plan: ``src`` moved by t = mean(y) - mean(x) for the Sinkhorn plan of the squared
+    Euclidean cost when the means are farther apart than ``solver.recentre`` times the larger bounding-box
+    diagonal, else ``src`` itself.
+
+    ``|x + t - y|^2`` differs from ``|x - y|^2`` by terms in x alone and in y alone, which the potentials absorb:
+    the plan of ``(x + t, y)`` is that of ``(x, y)``, and so is the map ``T(x_i) = sum_j P_ij y_j``. Its potentials
+    stay the size of the clouds instead of their separation, which float32 resolves, and annealing starts from the
+    clouds' own extent.
+    """
+    if plan != "sinkhorn" or cost != "sqeuclidean" or solver.recentre is None:
+        return src
+    t = dst.mean() - src.mean()
+    extent = max(float((box[1] - box[0]).norm()) for box in (src.box(), dst.box()))
+    return src.shifted(t) if float(t.norm()) > solver.recentre * extent else src
+
+
 def _check_self_mask(cloud: Cloud, name: str) -> None:
     if cloud.n < 2:
         raise DriftopsError(f"the self term of {name} needs at least 2 points when the diagonal is masked; pass more points or mask_self=False")
@@ -141,6 +158,7 @@ def drift(
     mask = mask_self and plan != "sinkhorn"
     if mask:
         _check_self_mask(src, "the drift")
+    moved = _recentred(src, dst, plan, cost, solver)
     info = DriftInfo()
     fields = []
     for e in eps_list:
@@ -149,10 +167,10 @@ def drift(
         if plan == "sinkhorn":
             prev = warm_start.sinkhorn.get(e, (None, None)) if warm_start is not None else (None, None)
             with torch.no_grad():
-                cross = sinkhorn(src, dst, geom, solver, prev[0])
+                cross = sinkhorn(moved, dst, geom, solver, prev[0])
                 own = sinkhorn(src, None, geom, solver, prev[1])
             info.sinkhorn[e] = (cross, own)
-        attract = barycentric(src, dst, geom, column_logweights(plan, src, dst, geom, False, cross), False)
+        attract = barycentric(moved, dst, geom, column_logweights(plan, moved, dst, geom, False, cross), False)
         repel = barycentric(src, src, geom, column_logweights(plan, src, src, geom, mask, own), mask)
         fields.append(attract - repel)
     v = _agreed_finite(_normalised_sum(fields, comm), comm, "the drift")
@@ -185,6 +203,7 @@ def barycentric_map(
     if len(eps_list) != 1:
         raise DriftopsError("barycentric_map takes a single eps; call it once per temperature")
     geom = Geometry(eps_list[0], cost, be, comm)
+    src = _recentred(src, dst, plan, cost, solver)
     cross = None
     if plan == "sinkhorn":
         with torch.no_grad():

@@ -39,7 +39,7 @@ import math
 import os
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -427,6 +427,19 @@ class Cloud:
         if self.local is not self.full and self.comm is not None:
             low, high = self.comm.all_reduce(low, "min"), self.comm.all_reduce(high, "max")
         return torch.stack([low, high])
+
+    def mean(self) -> torch.Tensor:
+        """(D,) unweighted mean of the whole cloud's points (detached)."""
+        if self.full is not None:
+            return self.full.detach().mean(0)
+        return self.comm.sum(self.local.detach().sum(0)) / self.n
+
+    def shifted(self, t: torch.Tensor) -> "Cloud":
+        """The same cloud with every point moved by ``t`` (D,); weights, split and autograd graph kept."""
+        local = self.local + t
+        full = local if self.full is self.local else None if self.full is None else self.full + t
+        mesh = None if self.mesh is None else replace(self.mesh, rows=self.mesh.rows + t, cols=self.mesh.cols + t)
+        return replace(self, local=local, full=full, mesh=mesh)
 
     def log_marginal(self) -> torch.Tensor:
         """(N,) log-weights normalised to a probability vector (uniform when no weights)."""

@@ -97,6 +97,10 @@ class Sinkhorn:
     warm_accept: a warm start whose marginal error is below it is iterated directly, worse ones
     re-anneal from ``warm_restart * eps``. stall: iterations without a 1% improvement of the best
     marginal error after which a solve stops (its error cannot improve further, e.g. float32 rounding).
+    recentre: for the squared Euclidean cost, :func:`driftops.drift` and :func:`driftops.barycentric_map` solve
+    the cross problem with x moved onto y's mean when the clouds' means are farther apart than ``recentre`` times
+    the larger bounding-box diagonal of the two (the plan is unchanged; the potentials, in ``support``, are then
+    those of the moved source); None: never.
     progress: called with a :class:`SolveStatus` at the start of every stage and of every iteration (not a
     setting: ignored by ``==`` and ``repr``).
     """
@@ -116,6 +120,7 @@ class Sinkhorn:
     warm_restart: float = 64.0
     stall: int = 500
     newton: int | None = None
+    recentre: float | None = 0.5
     progress: Callable[[SolveStatus], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +137,8 @@ class Sinkhorn:
                 raise bad(name, "an integer >= 1")
         if self.newton is not None and (isinstance(self.newton, bool) or not isinstance(self.newton, int) or self.newton < 0):
             raise bad("newton", "None (automatic), or an integer >= 0 (plan entries per row kept in the Newton Hessian; 0: no Newton steps)")
+        if self.recentre is not None and (isinstance(self.recentre, bool) or not isinstance(self.recentre, (int, float)) or not 0 <= self.recentre < math.inf):
+            raise bad("recentre", "None (never), or a finite number >= 0 (0: always)")
         if not 0 < self.annealing < 1:
             raise bad("annealing", "in (0, 1), e.g. 0.7")
         if self.acceleration not in ACCELERATIONS:

@@ -111,6 +111,7 @@ def _cases(x, y, wx, wy, pos, neg, group, modes=("gather", "ring", "mesh")) -> d
             )  # fmt: skip
         v, info = driftops.drift(x, y, EPS, backend="dense", group=g, return_info=True, **SINK)
         out[f"warm-{mode}"] = driftops.drift(x + 0.5 * v, y, EPS, backend="dense", group=g, warm_start=info, **SINK)
+        out[f"far-{mode}"] = driftops.drift(x, y + 40.0, EPS, backend="dense", group=g, x_weights=wx, **SINK)  # x moved onto y
         out[f"barycentric-{mode}"] = driftops.barycentric_map(x, y, EPS, plan="sinkhorn", backend="dense", group=g, y_weights=wy, **SINK)
         out[f"joint-{mode}"] = driftops.joint_drift(x, y, eps=[0.1, 0.3], backend="dense", group=g, pos_weights=wy)
         out[f"joint-neg-{mode}"] = driftops.joint_drift(x, pos, neg, eps=0.2, backend="dense", group=g)

@@ -451,6 +451,30 @@ def test_float32_at_tiny_eps_reports_the_error_reached():
     assert info.marginal_error < 1e-7
 
 
+@pytest.mark.parametrize("backend", ["keops", "auto"])
+@pytest.mark.parametrize("d", [1, 3])
+def test_far_apart_clouds_keep_the_plan(backend, d):
+    # y lies 1000 away in every coordinate: the separation's cost (~1e6 / eps) swamps the potentials, but the plan is
+    # that of the clouds moved onto each other, so the drift must match the float64 reference made on the far clouds
+    # themselves: to 1e-8 in float64, and in float32 to its rounding of coordinates near 1000 (6e-5) at tol 1e-4.
+    x, y, wy = unit_clouds(70, 45, d, seed=11)
+    far, eps = y + 1000.0, 0.03
+    t_ref = reference.sinkhorn_map(x, far, eps, wy=wy)
+    expected = t_ref - reference.sinkhorn_map(x, x, eps)
+    for dtype, tol, atol in ((torch.float64, 1e-10, 1e-8), (torch.float32, 1e-4, 1e-3)):
+        args = (x.to(dtype), far.to(dtype), eps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            v, info = driftops.drift(*args, backend=backend, y_weights=wy.to(dtype), tol=tol, max_iter=100000, return_info=True)
+            t = driftops.barycentric_map(*args, plan="sinkhorn", backend=backend, y_weights=wy.to(dtype), tol=tol, max_iter=100000)
+        assert info.sinkhorn[eps][0].converged
+        assert float((v.double() - expected).abs().max()) < atol and float((t.double() - t_ref).abs().max()) < atol
+    # Left in place, float32 potentials cannot resolve the separation (measured: errors 0.05-0.28).
+    with pytest.warns(RuntimeWarning, match="cannot be resolved"):
+        v = driftops.drift(x.float(), far.float(), eps, backend=backend, y_weights=wy.float(), solver=Sinkhorn(tol=1e-4, max_iter=300, recentre=None))
+    assert float((v.double() - expected).abs().max()) > 1e-2
+
+
 def test_solver_objects_are_accepted_everywhere(tmp_path):
     x, y, _ = unit_clouds(100, 80, 2, seed=8)
     capped = Sinkhorn(max_iter=3, acceleration="none")
@@ -476,6 +500,7 @@ def test_solver_objects_are_accepted_everywhere(tmp_path):
         (dict(tol=0.0), "tol"), (dict(tol=-1e-3), "tol"), (dict(max_iter=0), "max_iter"), (dict(omega=2.0), "omega"),
         (dict(omega=0.0), "omega"), (dict(omega_max=2.0), "omega_max"), (dict(acceleration="nesterov"), "acceleration"),
         (dict(annealing=1.0), "annealing"), (dict(window=0), "window"), (dict(newton=-1), "newton"), (dict(newton=2.5), "newton"),
+        (dict(recentre=-0.5), "recentre"), (dict(recentre=float("nan")), "recentre"),
     ],
 )  # fmt: skip
 def test_bad_solver_settings_raise(settings, match):
