@@ -197,6 +197,7 @@ def test_job_formulas_lists_masked_kernels_for_one_and_two_sided_only():
     # The Newton finish's top-k kernel, unmasked, for Sinkhorn plans only.
     assert [f.shape for f in job_formulas(2, plans=["sinkhorn", "one_sided"], newton=64)].count("top64") == 1
     assert "top64" not in [f.shape for f in job_formulas(2, plans=["one_sided"], newton=64)]
+    assert [f.shape for f in job_formulas(2, plans=["sinkhorn"], newton=40)][-1] == "top64"  # k rounded up to a power of two
     Formula("top16", "sqeuclidean", False, False, 2, "float64").run()  # parses k from the shape (a kernel the tests compile)
     with pytest.raises(driftops.DriftopsError, match="unknown backend"):
         job_formulas(2, backend="gpu")
