@@ -17,8 +17,8 @@ Implementations, each in a fresh process under the default environment:
 
 Cases: Gaussian noise against the checkerboard (``gauss``), a checkerboard against a copy shifted by a twentieth
 of a tile (``shift``), and Gaussian noise against the checkerboard moved by 100 along each axis (``far``: float32
-potentials of the clouds as given cannot resolve the separation's cost). Reported: iterations on the points (cross + self), iterations on coarse levels and annealing,
-seconds for the whole drift, largest L1 marginal error. Example::
+potentials of the clouds as given cannot resolve the separation's cost). Reported: iterations on the points (cross +
+self), iterations on coarse levels and annealing, seconds for the whole drift, largest L1 marginal error. Example::
 
     python benchmarks/bench_sinkhorn.py --sizes 8192 --eps 0.1 0.01 --cases gauss shift
 """
@@ -46,9 +46,10 @@ def clouds(case: str, n: int):
     import driftops
 
     y = driftops.data.sample_toy("checkerboard", n, seed=1)
-    if case in ("gauss", "far"):
-        return torch.randn(n, 2, generator=torch.Generator().manual_seed(0)), y + (100.0 if case == "far" else 0.0)
-    return driftops.data.sample_toy("checkerboard", n, seed=2) + 0.05, y
+    if case == "shift":
+        return driftops.data.sample_toy("checkerboard", n, seed=2) + 0.05, y
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    return noise, (y + 100.0 if case == "far" else y)
 
 
 def column_error(x, y, f, g, eps: float) -> float:
