@@ -205,10 +205,13 @@ def test_job_formulas_lists_masked_kernels_for_one_and_two_sided_only():
 
 def test_warmup_compiles_the_listed_formulas_once(tmp_path):
     code = (
-        "import glob, json, driftops\n"
+        "import glob, json, torch, driftops\n"
         "from driftops.backends.formulas import Formula\n"
-        "todo = [Formula('lse', 'sqeuclidean', False, False, 1)]\n"
+        "from driftops.backends.keops import KeOpsBackend\n"
+        "todo = [Formula('mean', 'sqeuclidean', False, False, 1)]\n"
         "first = driftops.warmup(todo); second = driftops.warmup(todo)\n"
+        "x = torch.randn(5, 1)\n"
+        "KeOpsBackend().reduce_lse_mean(x, x, 1.0, 'sqeuclidean', x, torch.zeros(5))\n"  # the mean kernel, no other
         "print(json.dumps([len(first), len(second), len(glob.glob('%s/**/*.so', recursive=True))]))" % tmp_path
     )
     run = _python(code, KEOPS_CACHE_FOLDER=str(tmp_path))

@@ -6,7 +6,7 @@ euclidean cost):
 
 * ``"lse"``: ``Max_SumShiftExpWeight`` with weight 1 (a log-sum-exp);
 * ``"mean"``: ``Max_SumShiftExpWeight`` with weights ``[1, values]`` (softmax-weighted mean; log-sum-exp and mean in one
-  pass, the same formula as KeOps's ``sumsoftmaxweight``).
+  pass, the arithmetic of KeOps's ``sumsoftmaxweight``).
 
 The Newton finish of Sinkhorn (``Sinkhorn(newton=k)``; by default k = 128 at low eps in D <= 3 on the "auto" and
 "sparse" backends) adds a third shape, ``KMin_ArgKMin`` of the negated logits (the k largest logits of each row and
@@ -74,9 +74,7 @@ class Formula:
             elif self.shape == "lse":
                 backend.reduce_lse(x, y, 1.0, self.cost, logw, diag)
             else:
-                backend.reduce_mean(x, y, 1.0, self.cost, y, logw, diag)
-                if not self.masked:
-                    backend.reduce_lse_mean(x, y, 1.0, self.cost, y, logw)
+                backend.reduce_mean(x, y, 1.0, self.cost, y, logw, diag)  # the kernel of reduce_lse_mean too
 
 
 def job_formulas(

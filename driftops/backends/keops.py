@@ -144,8 +144,9 @@ def keops_logits(
 def lse_and_mean(s: LazyTensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row log-sum-exp (N,) and softmax-weighted mean (N, E) of ``values`` (M, E) from one reduction.
 
-    The same compiled formula as ``sumsoftmaxweight`` (whose weights are also ``[1, values]``), which
-    keeps only the ratio: here the row maximum and normaliser are read too.
+    The arithmetic of ``sumsoftmaxweight`` (weights ``[1, values]``), which keeps only the ratio: here the row
+    maximum and normaliser are read too. Every mean reduction goes through here: ``sumsoftmaxweight`` spells the
+    formula with other spacing, which KeOps would compile as a second kernel.
     """
     weights = LazyTensor(1).concat(Vj(values))
     out = s.reduction("Max_SumShiftExpWeight", other=weights, dim=1)
@@ -172,12 +173,12 @@ class KeOpsBackend(Backend):
     def reduce_mean(self, x, y, eps, cost, values, logw, diag):
         return compiled_once(
             reduction_kind("mean", x, values, cost, diag),
-            lambda: keops_logits(x, y, eps, cost, logw, diag).sumsoftmaxweight(Vj(values), dim=1),
+            lambda: lse_and_mean(keops_logits(x, y, eps, cost, logw, diag), values)[1],
         )
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
         return compiled_once(
-            reduction_kind("lse_mean", x, values, cost, None),
+            reduction_kind("mean", x, values, cost, None),
             lambda: lse_and_mean(keops_logits(x, y, eps, cost, logw, None), values.detach()),
         )
 

@@ -39,7 +39,7 @@ import torch
 from ..costs import cost_power
 from ..errors import DriftopsError
 from .base import Backend
-from .keops import LazyTensor, Vj, compiled_once, keops_logits, lse_and_mean, reduction_kind, top_logits
+from .keops import LazyTensor, compiled_once, keops_logits, lse_and_mean, reduction_kind, top_logits
 
 # Cell-size rule: cells of side truncation_radius / CELLS_PER_RADIUS, grown by CELL_GROWTH until a cluster holds
 # MIN_MEAN_POINTS points on average and a cloud has at most MAX_CLUSTERS clusters. Smaller cells keep fewer pairs,
@@ -602,7 +602,7 @@ class SparseBackend(Backend):
         """``sum_j softmax_j(S_ij) values_j`` over kept j != diag_i, values (M, E) -> (N, E), original order."""
         s, cx, cy = self._logits(x, y, eps, cost, logw, diag)
         v = values.detach()[cy.perm].contiguous()
-        out = compiled_once(reduction_kind("sparse mean", x, v, cost, diag), lambda: s.sumsoftmaxweight(Vj(v), dim=1))
+        out = compiled_once(reduction_kind("sparse mean", x, v, cost, diag), lambda: lse_and_mean(s, v)[1])
         return self._unsort(out, cx)
 
     def reduce_topk(self, x, y, eps, cost, logw, k):
@@ -615,5 +615,5 @@ class SparseBackend(Backend):
         """``reduce_lse`` and ``reduce_mean`` (no mask) from one block-sparse reduction, original order."""
         s, cx, cy = self._logits(x, y, eps, cost, logw, None)
         v = values.detach()[cy.perm].contiguous()
-        lse, mean = compiled_once(reduction_kind("sparse lse_mean", x, v, cost, None), lambda: lse_and_mean(s, v))
+        lse, mean = compiled_once(reduction_kind("sparse mean", x, v, cost, None), lambda: lse_and_mean(s, v))
         return self._unsort(lse, cx), self._unsort(mean, cx)
