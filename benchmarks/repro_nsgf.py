@@ -1,14 +1,14 @@
 """NSGF (Zhu et al., "Neural Sinkhorn Gradient Flow", arXiv 2401.14069) and the Sinkhorn-loss trainer (Genevay et
 al.) on 2D toys, beside the NSGF paper's 2-Wasserstein table.
 
-Source N(0, I) to each target; ``--method nsgf``: a Sinkhorn particle flow of ``--batch`` particles over
-``--flow-steps`` steps builds the trajectory pool, a velocity field is fitted to it, samples integrate
-it with as many Euler steps; ``--method sinkhorn_loss``: a one-step generator minimising the
-Sinkhorn divergence. Both report the 2-Wasserstein distance W2 (the square root of exact W2^2, POT)
+Source N(0, I) to each of ``--targets``, and toy to toy for each of ``--pairs`` (SOURCE:TARGET, nsgf only);
+``--method nsgf``: a Sinkhorn particle flow of ``--batch`` particles over ``--flow-steps`` steps builds the
+trajectory pool, a velocity field is fitted to it, samples integrate it with as many Euler steps;
+``--method sinkhorn_loss``: a one-step generator minimising the Sinkhorn divergence (from noise: no pairs). Both report the 2-Wasserstein distance W2 (the square root of exact W2^2, POT)
 between 1000 generated and 1000 fresh target points, mean ± std over seeds. Writes
 benchmarks/results/repro_nsgf.{json,md}. Resumable after a kill.
 
-    python benchmarks/repro_nsgf.py                              # 3 targets x 2 methods x 3 seeds
+    python benchmarks/repro_nsgf.py                              # 4 targets x 2 methods + 2 pairs, 3 seeds
     python benchmarks/repro_nsgf.py --steps 20 --seeds 1 --targets moons --name smoke
 """
 
@@ -22,12 +22,16 @@ from driftops.train import TrainConfig, evaluate
 
 # The NSGF paper's 2D table (W2, Gaussian source, its own toy scales) for the targets driftops has; None: not
 # transcribed here (the table could not be retrieved when this script was written; fill it in from the paper).
-PAPER_NSGF_W2: dict[str, float | None] = {"eight_gaussians": None, "moons": None, "checkerboard": None}
+PAPER_NSGF_W2: dict[str, float | None] = {
+    "eight_gaussians": None, "moons": None, "checkerboard": None, "s_curve": None, "eight_gaussians>moons": None, "moons>eight_gaussians": None,
+}
 
 
 def main() -> None:
     parser = grid_parser(__doc__, "repro_nsgf", seeds=3)
-    parser.add_argument("--targets", nargs="+", default=["ffjord_eight_gaussians", "ffjord_moons", "ffjord_checkerboard"])
+    parser.add_argument("--targets", nargs="+", default=["ffjord_eight_gaussians", "ffjord_moons", "ffjord_checkerboard", "s_curve"])
+    parser.add_argument("--pairs", nargs="*", default=["ffjord_eight_gaussians:ffjord_moons", "ffjord_moons:ffjord_eight_gaussians"],
+                        help="SOURCE:TARGET toy pairs flowed by nsgf")
     parser.add_argument("--methods", nargs="+", choices=["nsgf", "sinkhorn_loss"], default=["nsgf", "sinkhorn_loss"])
     parser.add_argument("--eps", type=float, default=0.05, help="Sinkhorn temperature (blur^2 scale, squared-Euclidean cost)")
     parser.add_argument("--steps", type=int, default=5000)
@@ -37,31 +41,37 @@ def main() -> None:
     args = parser.parse_args()
     store = Store(args.name)
     seeds = seed_list(args)
-    for key, (target, method, seed) in store.pending(lambda t, m, s: f"{t}|{m}|{args.eps:g}|{s}", args.targets, args.methods, seeds):
-        out = RESULTS / "runs" / args.name / f"{target}-{method}-s{seed}"
+    # A task is a target (from N(0, I)) or "SOURCE>TARGET"; pairs are flowed by nsgf alone.
+    tasks = [(t, m) for t in args.targets for m in args.methods] + [(p.replace(":", ">"), "nsgf") for p in args.pairs if "nsgf" in args.methods]
+    for key, ((task, method), seed) in store.pending(lambda tm, s: f"{tm[0]}|{tm[1]}|{args.eps:g}|{s}", tasks, seeds):
+        source, _, target = task.rpartition(">")
+        out = RESULTS / "runs" / args.name / f"{task.replace('>', '-to-')}-{method}-s{seed}"
         cfg = TrainConfig(
-            method=method, target=target, plan="sinkhorn", eps=[args.eps], seed=seed, steps=args.steps,
+            method=method, target=target, source=source or "gaussian", plan="sinkhorn", eps=[args.eps], seed=seed, steps=args.steps,
             batch=args.batch if method == "nsgf" else args.loss_batch,
             flow_steps=args.flow_steps, lr=1e-3, hidden=256, blocks=4, threads=args.threads, out=str(out), progress=False,
         )  # fmt: skip
         summary = train_resumable(cfg)
         w2sq = evaluate(out, n=1000, seed=10_000 + seed)["w2"]
-        store.add(key, {"target": target, "method": method, "seed": seed, "w2": math.sqrt(w2sq), "seconds": summary["seconds"]})
+        store.add(key, {"target": task, "method": method, "seed": seed, "w2": math.sqrt(w2sq), "seconds": summary["seconds"]})
         print(f"{key}: W2 {math.sqrt(w2sq):.4g}", flush=True)
     table = [
-        "| target | " + " | ".join(f"{m} W2" for m in args.methods) + " | floor: W2 of two target draws, 10 times | NSGF paper W2 |",
+        "| task | " + " | ".join(f"{m} W2" for m in args.methods) + " | floor: W2 of two target draws, 10 times | NSGF paper W2 |",
         "|---|" + "---|" * (len(args.methods) + 2),
     ]
-    for target in args.targets:
-        cells = [mean_std([r["w2"] for r in store.records.values() if (r["target"], r["method"]) == (target, m) and r["seed"] in seeds]) for m in args.methods]
-        paper = PAPER_NSGF_W2.get(target.removeprefix("ffjord_"))
+    for task in dict.fromkeys(t for t, _ in tasks):
+        cells = [mean_std([r["w2"] for r in store.records.values() if (r["target"], r["method"]) == (task, m) and r["seed"] in seeds]) for m in args.methods]
+        source, _, target = task.rpartition(">")
+        paper = PAPER_NSGF_W2.get(task.replace("ffjord_", ""))
         floor = mean_std([math.sqrt(v) for v in floor_draws(target, 10)])
-        table.append(f"| {target} | " + " | ".join(cells) + f" | {floor} | {'not transcribed' if paper is None else paper} |")
+        name = f"{source} → {target}" if source else f"N(0, I) → {target}"
+        table.append(f"| {name} | " + " | ".join(cells) + f" | {floor} | {'not transcribed' if paper is None else paper} |")
     protocol = (
-        f"Gaussian source; eps {args.eps:g}; {args.steps} optimiser steps, nsgf batch {args.batch}, sinkhorn_loss batch {args.loss_batch}, nsgf pool of {args.flow_steps} "
+        f"eps {args.eps:g}; {args.steps} optimiser steps, nsgf batch {args.batch}, sinkhorn_loss batch {args.loss_batch}, nsgf pool of {args.flow_steps} "
         f"flow steps (sampled with {args.flow_steps} Euler steps), residual MLPs hidden 256 x 4 blocks, AdamW 1e-3, EMA 0.999; W2 = "
         f"sqrt(exact W2^2) of 1000 vs 1000 points, mean ± std over seeds {seeds[0]}..{seeds[-1]}. The toys are driftops's "
-        "FFJORD-scale ones, the nearest to the NSGF paper's; its S-curve and paired (non-Gaussian source) tasks are not run."
+        "FFJORD-scale ones, the nearest to the NSGF paper's, and scikit-learn's S-curve (its (x, z) plane, noise 0.05); a pair "
+        "flows the first toy's samples to the second (sinkhorn_loss, a generator from noise, has no pair runs: '-')."
     )
     write_markdown(args.name, "NSGF and Sinkhorn-loss generators on 2D toys", table, protocol)
 

@@ -3,7 +3,8 @@
 The toys without prefix follow the Sinkhorn-drifting paper (its toy code): ``eight_gaussians``
 (radius 2, std 0.08), ``checkerboard`` (4x4 tiles on [-2, 2]^2, noise 0.05), ``moons`` (noise
 0.08) and ``spiral`` (noise 0.05); the FFJORD-scale versions are ``ffjord_eight_gaussians``,
-``ffjord_checkerboard``, ``ffjord_moons`` and ``ffjord_spiral``. Each toy is a small frozen
+``ffjord_checkerboard``, ``ffjord_moons`` and ``ffjord_spiral``; ``s_curve`` is scikit-learn's S-curve seen in its
+(x, z) plane. Each toy is a small frozen
 dataclass whose fields are its documented parameters; override them with
 ``dataclasses.replace(TOYS["checkerboard"], noise=0.0)`` and pass the instance to
 :func:`sample_toy`. Samplers draw with torch on the requested device from a ``torch.Generator``
@@ -26,7 +27,7 @@ from .errors import DriftopsError
 
 Seed = torch.Generator | int
 # Other spellings accepted wherever a target name is (FFJORD's and the paper code's names).
-TOY_ALIASES = {"8gaussians": "eight_gaussians", "swissroll": "swiss_roll", "ffjord_8gaussians": "ffjord_eight_gaussians", "2spirals": "ffjord_spiral"}
+TOY_ALIASES = {"8gaussians": "eight_gaussians", "swissroll": "swiss_roll", "scurve": "s_curve", "ffjord_8gaussians": "ffjord_eight_gaussians", "2spirals": "ffjord_spiral"}
 
 
 class Toy:
@@ -144,6 +145,21 @@ class SwissRoll(Toy):
 
 
 @dataclass(frozen=True)
+class SCurve(Toy):
+    """scikit-learn's S-curve in its (x, z) plane: t = 3*pi*(u - 1/2), (sin t, sign(t) * (cos t - 1)) (x in [-1, 1],
+    z in [-2, 2], uniform in t), times ``scale``, plus Gaussian noise of std ``noise`` (added before scaling, as in
+    make_s_curve)."""
+
+    noise: float = 0.05
+    scale: float = 1.0
+
+    def draw(self, n, gen, dtype, device):
+        t = 3 * math.pi * (self._rand(gen, dtype, device, n) - 0.5)
+        pts = torch.stack([t.sin(), t.sign() * (t.cos() - 1)], 1)
+        return self.scale * (pts + self.noise * self._randn(gen, dtype, device, n, 2))
+
+
+@dataclass(frozen=True)
 class Rings(Toy):
     """``count`` concentric circles of radii k * ``spacing`` (k = 1..count, equal mass), plus Gaussian noise ``noise``."""
 
@@ -165,6 +181,7 @@ TOYS: dict[str, Toy] = {
     "spiral": Spiral(),
     "swiss_roll": SwissRoll(),
     "rings": Rings(),
+    "s_curve": SCurve(),
     # FFJORD scale (Grathwohl et al.): 8 Gaussians on radius 2*sqrt(2), std 0.5/sqrt(2); checkerboard of 2x2 squares
     # on [-4, 4]^2 without noise; moons scaled by 2.5 with noise 0.05; two spirals with noise 0.1.
     "ffjord_eight_gaussians": EightGaussians(radius=2 * math.sqrt(2), std=0.5 / math.sqrt(2)),

@@ -77,6 +77,21 @@ def test_moons_and_spiral_paper_parameters():
     assert bare.mean(0).abs().max() < 0.02  # the two arms mirror each other
 
 
+def test_s_curve_follows_scikit_learn():
+    """Noise-free points lie on (sin t, sign(t)(cos t - 1)) with t uniform on [-3pi/2, 3pi/2]; noise 0.05 per axis;
+    moments match scikit-learn's make_s_curve in its (x, z) plane."""
+    from sklearn.datasets import make_s_curve
+
+    noisy = sample_toy("scurve", 40000, seed=0, dtype=torch.float64)
+    bare = sample_toy(replace(TOYS["s_curve"], noise=0.0), 40000, seed=0, dtype=torch.float64)
+    t = 3 * math.pi * (torch.rand(40000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5)  # its first draw
+    torch.testing.assert_close(torch.stack([t.sin(), t.sign() * (t.cos() - 1)], 1), bare, atol=1e-12, rtol=0)
+    torch.testing.assert_close((noisy - bare).std(0), torch.full((2,), 0.05, dtype=torch.float64), rtol=0.02, atol=0)
+    ref = torch.from_numpy(make_s_curve(40000, noise=0.05, random_state=0)[0][:, [0, 2]])
+    torch.testing.assert_close(noisy.std(0), ref.std(0), rtol=0.02, atol=0)
+    assert noisy.mean(0).abs().max() < 0.03
+
+
 def test_rings_radii():
     r = sample_toy("rings", 4000).norm(dim=1)
     off = (r[:, None] - torch.tensor([0.875, 1.75, 2.625, 3.5])).abs().min(1).values

@@ -172,6 +172,27 @@ def test_bad_configurations_raise(tmp_path):
         train(tiny(tmp_path / "c", method="sinkhorn_loss", eps=[0.1, 1.0]))
     with pytest.raises(DriftopsError, match="unknown target"):
         Run(tiny(tmp_path / "d", target="nonsense"), Drifting)
+    with pytest.raises(DriftopsError, match="applies to --method nsgf"):
+        tiny(tmp_path / "e", source="moons")
+    with pytest.raises(DriftopsError, match="source must be 'gaussian' or a toy"):
+        tiny(tmp_path / "f", method="nsgf", source="digits")
+    with pytest.raises(DriftopsError, match="a toy source is 2D"):
+        Run(tiny(tmp_path / "g", method="nsgf", source="moons", target="digits", latent_dim=8), METHODS["nsgf"])
+
+
+def test_nsgf_flows_from_a_toy_source(tmp_path):
+    """With --source, the pool's first particles and the samples start from the source toy, and the flow learns to
+    carry it to the target."""
+    cfg = tiny(tmp_path / "run", method="nsgf", source="scurve", flow_steps=10, step_size=1.0, steps=150)
+    run = Run.open(cfg, METHODS["nsgf"])
+    gen = torch.Generator().manual_seed(5)
+    torch.testing.assert_close(run.method.start(64, gen), driftops.data.sample_toy("s_curve", 64, torch.Generator().manual_seed(5)))
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731 (a velocity field that does not move the points)
+    torch.testing.assert_close(run.method.sample(zero, 64, None, torch.Generator().manual_seed(5)), run.method.start(64, torch.Generator().manual_seed(5)))
+    before = run.evaluate_w2()
+    run.train()
+    assert run.method.pool["x"][: cfg.batch].std(0)[1] > 1.0  # the S-curve's spread in z, not N(0, 1)'s
+    assert run.evaluate_w2() < 0.5 * before
 
 
 def test_train_and_eval_commands(tmp_path):

@@ -29,6 +29,7 @@ from .storage import read_metrics
 HELP = {
     "method": "training method",
     "target": f"toy ({', '.join(TOYS)}; or {', '.join(TOY_ALIASES)}), 'digits' or a .npy/.npz file",
+    "source": "nsgf: where the flow starts, 'gaussian' (N(0, I)) or a 2D toy",
     "out": "run folder (None: runs/METHOD-TARGET-PLAN-sSEED)",
     "plan": "transport plan of the drift",
     "eps": "temperature(s); several are normalised and summed (drifting, nsgf)",

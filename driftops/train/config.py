@@ -11,7 +11,7 @@ import torch
 
 from ..checks import as_eps, check_choice
 from ..costs import check_cost
-from ..data import resolve_target
+from ..data import TOYS, resolve_target
 from ..errors import DriftopsError
 from ..models import ARCHITECTURES
 from ..plans import PLANS
@@ -29,12 +29,14 @@ class TrainConfig:
 
     ``steps`` counts optimiser steps. Drifting: each round draws ``batch`` samples, moves them by
     ``flow_steps`` drift steps of ``step_size`` against ``target_batch`` target points and fits the
-    generator to them in ``batch / minibatch`` steps. NSGF: one Sinkhorn flow of ``batch`` particles
-    over ``flow_steps`` steps builds the pool; sampling uses ``sample_steps`` Euler steps.
+    generator to them in ``batch / minibatch`` steps. NSGF: one Sinkhorn flow of ``batch`` particles drawn from
+    ``source`` (``"gaussian"``: N(0, I); or a toy) over ``flow_steps`` steps builds the pool; sampling starts from
+    ``source`` too and takes ``sample_steps`` Euler steps.
     """
 
     method: str = "drifting"
     target: str = "checkerboard"
+    source: str = "gaussian"
     out: str = "runs/run"
     plan: str = "sinkhorn"
     eps: list[float] = field(default_factory=lambda: [0.05])
@@ -81,6 +83,12 @@ class TrainConfig:
         check_choice(self.dtype, list(DTYPES), "dtype")
         check_choice(self.arch, list(ARCHITECTURES), "arch")
         self.target = resolve_target(self.target)
+        if self.source != "gaussian":
+            if resolve_target(self.source) not in TOYS:
+                raise DriftopsError(f"source must be 'gaussian' or a toy ({', '.join(TOYS)}), got {self.source!r}")
+            if self.method != "nsgf":
+                raise DriftopsError(f"a source other than 'gaussian' applies to --method nsgf (a flow from one cloud to another), not {self.method!r}")
+            self.source = resolve_target(self.source)
         positive = {"steps": self.steps, "batch": self.batch, "flow_steps": self.flow_steps, "eval_points": self.eval_points}
         positive.update({k: v for k, v in (("minibatch", self.minibatch), ("target_batch", self.target_batch), ("sample_steps", self.sample_steps), ("threads", self.threads)) if v is not None})
         for name, value in positive.items():

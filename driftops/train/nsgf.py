@@ -1,6 +1,6 @@
 """Neural Sinkhorn Gradient Flow (Zhu et al., NSGF): velocity matching on a Sinkhorn particle flow.
 
-The pool: ``batch`` particles x_0 ~ N(0, I) flow to ``target_batch`` target points by ``flow_steps``
+The pool: ``batch`` particles x_0 drawn from the source (N(0, I), or a toy: ``TrainConfig.source``) flow to ``target_batch`` target points by ``flow_steps``
 steps ``x_{k+1} = x_k + step_size * V(x_k)`` (:func:`driftops.flow`, warm-started). It stores
 ``(x_k, t_k = k/K, v_k = K * step_size * V(x_k))``, so that Euler steps of size 1/K with v
 reproduce the flow on t in [0, 1]. A :class:`~driftops.models.VelocityField` regresses v by MSE;
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import sample_toy
 from ..errors import DriftopsError
 from ..models import VelocityField
 from ..parallel import Launch
@@ -35,15 +36,23 @@ class NSGF(Method):
         super().__init__(cfg, target, launch)
         if cfg.conditional:
             raise DriftopsError("nsgf has no class-conditional velocity field; drop --conditional or use --method drifting")
+        if cfg.source != "gaussian" and target.dim != 2:
+            raise DriftopsError(f"a toy source is 2D but target {cfg.target!r} has dimension {target.dim}; pass --source gaussian")
         self.pool: dict[str, torch.Tensor] | None = None
 
     def build_model(self) -> nn.Module:
         return VelocityField(self.target.dim, self.cfg.hidden, self.cfg.blocks)
 
+    def start(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        """(n, D) starting points of the flow and of sampling: N(0, I) noise or the source toy, drawn from ``rng``."""
+        if self.cfg.source == "gaussian":
+            return self.noise(n, self.target.dim, rng)
+        return sample_toy(self.cfg.source, n, rng, self.cfg.torch_dtype, self.cfg.device)
+
     def build_pool(self, rng: torch.Generator) -> None:
         """Run the Sinkhorn particle flow and store its (x, t, v) triples, each (flow_steps * batch, ...) (this rank's)."""
         cfg = self.cfg
-        x0 = self.noise(self.batch, self.target.dim, rng)
+        x0 = self.start(self.batch, rng)
         y = self.target.sample(self.target_batch, rng)
         k_total = cfg.flow_steps
         xs = [x0]
@@ -67,7 +76,7 @@ class NSGF(Method):
 
     def sample(self, model: nn.Module, n: int, labels: torch.Tensor | None, rng: torch.Generator) -> torch.Tensor:
         steps = self.cfg.sample_steps or self.cfg.flow_steps
-        x = self.noise(n, self.target.dim, rng)
+        x = self.start(n, rng)
         for i in range(steps):
             x = x + model(x, i / steps) / steps
         return x
