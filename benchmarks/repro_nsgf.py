@@ -4,8 +4,9 @@ al.) on 2D toys, beside the NSGF paper's 2-Wasserstein table.
 Source N(0, I) to each of ``--targets``, and toy to toy for each of ``--pairs`` (SOURCE:TARGET, nsgf only);
 ``--method nsgf``: a Sinkhorn particle flow of ``--batch`` particles over ``--flow-steps`` steps builds the
 trajectory pool, a velocity field is fitted to it, samples integrate it with as many Euler steps;
-``--method sinkhorn_loss``: a one-step generator minimising the Sinkhorn divergence (from noise: no pairs). Both report the 2-Wasserstein distance W2 (the square root of exact W2^2, POT)
-between 1000 generated and 1000 fresh target points, mean ± std over seeds. Writes
+``--method sinkhorn_loss``: a one-step generator minimising the Sinkhorn divergence (from noise: no pairs).
+Both report the 2-Wasserstein distance W2 (the square root of exact W2^2, POT) between 1000 generated and
+1000 fresh target points, mean ± std over seeds. Writes
 benchmarks/results/repro_nsgf.{json,md}. Resumable after a kill.
 
     python benchmarks/repro_nsgf.py                              # 4 targets x 2 methods + 2 pairs, 3 seeds
