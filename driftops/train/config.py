@@ -84,11 +84,12 @@ class TrainConfig:
         check_choice(self.arch, list(ARCHITECTURES), "arch")
         self.target = resolve_target(self.target)
         if self.source != "gaussian":
-            if resolve_target(self.source) not in TOYS:
+            source = resolve_target(self.source)
+            if source not in TOYS:
                 raise DriftopsError(f"source must be 'gaussian' or a toy ({', '.join(TOYS)}), got {self.source!r}")
             if self.method != "nsgf":
                 raise DriftopsError(f"a source other than 'gaussian' applies to --method nsgf (a flow from one cloud to another), not {self.method!r}")
-            self.source = resolve_target(self.source)
+            self.source = source
         positive = {"steps": self.steps, "batch": self.batch, "flow_steps": self.flow_steps, "eval_points": self.eval_points}
         positive.update({k: v for k, v in (("minibatch", self.minibatch), ("target_batch", self.target_batch), ("sample_steps", self.sample_steps), ("threads", self.threads)) if v is not None})
         for name, value in positive.items():

@@ -1,10 +1,10 @@
 """Neural Sinkhorn Gradient Flow (Zhu et al., NSGF): velocity matching on a Sinkhorn particle flow.
 
-The pool: ``batch`` particles x_0 drawn from the source (N(0, I), or a toy: ``TrainConfig.source``) flow to ``target_batch`` target points by ``flow_steps``
-steps ``x_{k+1} = x_k + step_size * V(x_k)`` (:func:`driftops.flow`, warm-started). It stores
-``(x_k, t_k = k/K, v_k = K * step_size * V(x_k))``, so that Euler steps of size 1/K with v
-reproduce the flow on t in [0, 1]. A :class:`~driftops.models.VelocityField` regresses v by MSE;
-sampling integrates it with ``sample_steps`` Euler steps (default ``flow_steps``).
+The pool: ``batch`` particles x_0 drawn from the source (N(0, I), or a toy: ``TrainConfig.source``) flow to
+``target_batch`` target points by ``flow_steps`` steps ``x_{k+1} = x_k + step_size * V(x_k)``
+(:func:`driftops.flow`, warm-started). It stores ``(x_k, t_k = k/K, v_k = K * step_size * V(x_k))``, so that Euler
+steps of size 1/K with v reproduce the flow on t in [0, 1]. A :class:`~driftops.models.VelocityField` regresses v by
+MSE; sampling integrates it with ``sample_steps`` Euler steps (default ``flow_steps``).
 
 Distributed: each rank flows its share of the particles against its share of the target points along the drift
 of the whole clouds and keeps the triples of its own particles; every step regresses a share of the minibatch on
