@@ -3,8 +3,8 @@
 The toys without prefix follow the Sinkhorn-drifting paper (its toy code): ``eight_gaussians``
 (radius 2, std 0.08), ``checkerboard`` (4x4 tiles on [-2, 2]^2, noise 0.05), ``moons`` (noise
 0.08) and ``spiral`` (noise 0.05); the FFJORD-scale versions are ``ffjord_eight_gaussians``,
-``ffjord_checkerboard``, ``ffjord_moons`` and ``ffjord_spiral``; ``s_curve`` is scikit-learn's S-curve seen in its
-(x, z) plane. Each toy is a small frozen
+``ffjord_checkerboard``, ``ffjord_moons`` and ``ffjord_spiral``; ``cfm_eight_gaussians`` and ``cfm_moons`` are
+torchcfm's (the NSGF paper's data); ``s_curve`` is scikit-learn's S-curve seen in its (x, z) plane. Each toy is a small frozen
 dataclass whose fields are its documented parameters; override them with
 ``dataclasses.replace(TOYS["checkerboard"], noise=0.0)`` and pass the instance to
 :func:`sample_toy`. Samplers draw with torch on the requested device from a ``torch.Generator``
@@ -27,7 +27,10 @@ from .errors import DriftopsError
 
 Seed = torch.Generator | int
 # Other spellings accepted wherever a target name is (FFJORD's and the paper code's names).
-TOY_ALIASES = {"8gaussians": "eight_gaussians", "swissroll": "swiss_roll", "scurve": "s_curve", "ffjord_8gaussians": "ffjord_eight_gaussians", "2spirals": "ffjord_spiral"}
+TOY_ALIASES = {
+    "8gaussians": "eight_gaussians", "swissroll": "swiss_roll", "scurve": "s_curve", "ffjord_8gaussians": "ffjord_eight_gaussians",
+    "2spirals": "ffjord_spiral", "cfm_8gaussians": "cfm_eight_gaussians",
+}  # fmt: skip
 
 
 class Toy:
@@ -99,6 +102,25 @@ class Moons(Toy):
         inner = torch.stack([1 - t.cos(), 0.5 - t.sin()], 1)
         pts = torch.where(lower[:, None], inner, outer) - torch.tensor([0.5, 0.25], dtype=dtype, device=device)
         return self.scale * (pts + self.noise * self._randn(gen, dtype, device, n, 2))
+
+
+@dataclass(frozen=True)
+class ShiftedMoons(Toy):
+    """torchdyn's moons as torchcfm (Tong et al.) samples them: unit half-circles (the second centred at (1, 0.5),
+    equal weights), both coordinates moved by one U(0, ``shift``) draw per point, times ``scale``, minus ``offset``.
+    Angles are uniform in [0, pi] (torchdyn spaces a draw's angles evenly: the same distribution)."""
+
+    shift: float = 0.2
+    scale: float = 3.0
+    offset: float = 1.0
+
+    def draw(self, n, gen, dtype, device):
+        t = math.pi * self._rand(gen, dtype, device, n)
+        lower = self._randint(gen, device, 2, n).bool()
+        outer = torch.stack([t.cos(), t.sin()], 1)
+        inner = torch.stack([1 - t.cos(), 0.5 - t.sin()], 1)
+        pts = torch.where(lower[:, None], inner, outer) + self.shift * self._rand(gen, dtype, device, n, 1)
+        return self.scale * pts - self.offset
 
 
 @dataclass(frozen=True)
@@ -188,6 +210,10 @@ TOYS: dict[str, Toy] = {
     "ffjord_checkerboard": Checkerboard(tiles=4, half_width=4.0, noise=0.0),
     "ffjord_moons": Moons(noise=0.05, scale=2.5),
     "ffjord_spiral": FfjordSpiral(),
+    # torchcfm's (Tong et al.; the NSGF paper's 2D data): 8 Gaussians on radius 5 with covariance sqrt(0.1) I (std
+    # 0.1 ** 0.25), torchdyn's moons with a U(0, 0.2) diagonal shift, times 3, minus 1.
+    "cfm_eight_gaussians": EightGaussians(radius=5.0, std=0.1**0.25),
+    "cfm_moons": ShiftedMoons(),
 }
 
 

@@ -18,7 +18,9 @@ def test_toys_seeded_shapes_and_support(name):
     gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     assert torch.equal(sample_toy(name, 50, gen_a), sample_toy(name, 50, gen_b))
     assert not torch.equal(sample_toy(name, 50, gen_a), sample_toy(name, 50, torch.Generator().manual_seed(1)))  # advanced
-    assert x.abs().max() < 5.0 and x.mean(0).abs().max() < 0.5
+    # torchcfm's toys are larger (radius 5) and its moons are not centred (mean (0.8, 0.05)).
+    bound, centre = (8.0, 1.0) if name.startswith("cfm_") else (5.0, 0.5)
+    assert x.abs().max() < bound and x.mean(0).abs().max() < centre
 
 
 def _uniform_fraction(counts: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,26 @@ def test_s_curve_follows_scikit_learn():
     ref = torch.from_numpy(make_s_curve(40000, noise=0.05, random_state=0)[0][:, [0, 2]])
     torch.testing.assert_close(noisy.std(0), ref.std(0), rtol=0.02, atol=0)
     assert noisy.mean(0).abs().max() < 0.03
+
+
+def test_torchcfm_toys_follow_torchcfm():
+    """cfm_eight_gaussians: centres k*pi/4 on radius 5, covariance sqrt(0.1) I, equal weights; cfm_moons: torchdyn's
+    half-circles moved along (1, 1) by U(0, 0.2), times 3, minus 1."""
+    pts = sample_toy("cfm_8gaussians", 40000, seed=0, dtype=torch.float64)
+    angle = torch.arange(8, dtype=torch.float64) * math.pi / 4
+    centres = 5 * torch.stack([angle.cos(), angle.sin()], 1)
+    mode = torch.cdist(pts, centres).argmin(1)
+    torch.testing.assert_close((pts - centres[mode]).var(0), torch.full((2,), math.sqrt(0.1), dtype=torch.float64), rtol=0.03, atol=0)
+    assert (torch.bincount(mode, minlength=8) / 40000 - 1 / 8).abs().max() < 0.01
+    moons = sample_toy("cfm_moons", 40000, seed=0, dtype=torch.float64)
+    bare = (sample_toy(replace(TOYS["cfm_moons"], shift=0.0), 40000, seed=0, dtype=torch.float64) + 1) / 3
+    upper = (bare.norm(dim=1) - 1).abs() < 1e-9
+    lower = ((bare - torch.tensor([1.0, 0.5], dtype=torch.float64)).norm(dim=1) - 1).abs() < 1e-9
+    assert (upper | lower).all() and abs(float(upper.double().mean()) - 0.5) < 0.01
+    shift = (moons + 1) / 3 - bare
+    torch.testing.assert_close(shift[:, 0], shift[:, 1], atol=1e-12, rtol=0)
+    assert shift.min() >= 0 and shift.max() <= 0.2 and abs(float(shift[:, 0].mean()) - 0.1) < 0.002
+    assert abs(float(shift[:, 0].std()) - 0.2 / math.sqrt(12)) < 0.002
 
 
 def test_rings_radii():
