@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import time
 
-from common import machine_info, print_machine, print_table, run_script, save
+from common import machine_info, print_machine, print_table, recipe_drift, run_script, save
 
 VARIANTS = {
     "converged": dict(sinkhorn_iters=1000, sinkhorn_tol=1e-3),
@@ -62,25 +62,12 @@ def recipe_steps(steps: int, eps: float, seed: int) -> dict:
     model = Generator(cfg.noise_dim, 2, cfg.hidden, cfg.blocks, arch=cfg.arch)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def plan_mean(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
-        c = torch.cdist(a, b) ** 2 / eps
-        f, g = torch.zeros(len(a)), torch.zeros(len(b))
-        for _ in range(20):
-            f = -torch.logsumexp(g[None, :] - c, 1)
-            g = -torch.logsumexp(f[:, None] - c, 0)
-        # exp(f_i + g_j - c_ij) has unit row and column sums at the fixed point; after the g update the columns are
-        # exact, so the L1 marginal error (of the plan divided by N = M) is that of the rows.
-        row_error = float(((f[:, None] + g[None, :] - c).logsumexp(1).exp() - 1).abs().mean())
-        return torch.softmax(g[None, :] - c, 1) @ b, row_error
-
     errors, start = [], time.perf_counter()
     for step in range(steps):
         x = model(torch.randn(cfg.batch, cfg.noise_dim))
         y = sample_toy("checkerboard", cfg.batch, seed=seed * 100_003 + step)
-        with torch.no_grad():
-            attract, error = plan_mean(x, y)
-            repel, _ = plan_mean(x, x)
-        loss = ((x - (x + attract - repel).detach()) ** 2).sum(1).mean()
+        v, error = recipe_drift(x, y, eps)
+        loss = ((x - (x.detach() + v)) ** 2).sum(1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

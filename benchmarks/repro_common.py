@@ -127,7 +127,12 @@ def write_markdown(name: str, title: str, table: list[str], protocol: str) -> Pa
     return path
 
 
-def floor_draws(target: str, draws: int) -> list[float]:
-    """Exact W2² between two independent draws of 1000 points of ``target``, ``draws`` times: the metric's floor."""
+def redraw_w2(sample: Callable[[int, int], torch.Tensor], target: Target, draws: int, n: int = 1000) -> list[float]:
+    """Exact W2² between ``sample(n, seed)`` (n, D) and ``n`` fresh target points, over ``draws`` seeded draws."""
+    return [w2(sample(n, 30_000 + k), target.eval_set(n, 40_000 + k)[0]) for k in range(draws)]
+
+
+def floor_draws(target: str, draws: int, n: int = 1000) -> list[float]:
+    """Exact W2² between two independent draws of ``n`` points of ``target``, ``draws`` times: the metric's floor."""
     tgt = Target.from_config(TrainConfig(target=target))
-    return [w2(tgt.eval_set(1000, 50_000 + 2 * k)[0], tgt.eval_set(1000, 50_001 + 2 * k)[0]) for k in range(draws)]
+    return [w2(tgt.eval_set(n, 50_000 + 2 * k)[0], tgt.eval_set(n, 50_001 + 2 * k)[0]) for k in range(draws)]

@@ -17,10 +17,12 @@ over seeds) and repro_toys_samples.png (first seed). Resumable: rerun the same c
 
 from __future__ import annotations
 
-from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, mean_std, seed_list, train_resumable, write_markdown
+import argparse
+from pathlib import Path
+
+from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, mean_std, redraw_w2, seed_list, train_resumable, write_markdown
 
 from driftops import viz
-from driftops.metrics import w2
 from driftops.train import PRESETS, TrainConfig, evaluate, load_run, sample_model
 
 # Plan variants: the drift's plan and its Sinkhorn settings.
@@ -50,17 +52,26 @@ def main() -> None:
     store = Store(args.name)
     seeds = seed_list(args)
     for key, (target, plan, eps, seed) in store.pending(lambda t, p, e, s: f"{t}|{p}|{e:g}|{s}", args.targets, args.plans, args.eps, seeds):
-        out = RESULTS / "runs" / args.name / f"{target}-{plan}-eps{eps:g}-s{seed}"
-        cfg = TrainConfig.from_preset(
-            args.protocol, target=target, eps=[eps], seed=seed, steps=args.steps, out=str(out),
-            backend=args.backend, threads=args.threads, checkpoint_every=100, progress=False, **PLANS[plan],
-        )  # fmt: skip
-        summary = train_resumable(cfg)
+        out = case_dir(args.name, target, plan, eps, seed)
+        summary = train_resumable(case_config(args, target, plan, eps, seed))
         final = evaluate(out, n=1000, seed=10_000 + seed)["w2"]
         steps, seconds, w2s = curve(out)
         store.add(key, {"target": target, "plan": plan, "eps": eps, "seed": seed, "w2": final, "seconds_per_step": summary["seconds"] / summary["steps"], "curve_steps": steps, "curve_seconds": seconds, "curve_w2": w2s})
         print(f"{key}: W2^2 {final:.4g}, {summary['seconds'] / summary['steps']:.3f} s/step", flush=True)
     report(args, store, seeds)
+
+
+def case_dir(name: str, target: str, plan: str, eps: float, seed: int) -> Path:
+    """The run folder of one case of the script's store ``name``."""
+    return RESULTS / "runs" / name / f"{target}-{plan}-eps{eps:g}-s{seed}"
+
+
+def case_config(args: argparse.Namespace, target: str, plan: str, eps: float, seed: int) -> TrainConfig:
+    """The training configuration of one case (``args``: protocol, name, steps, backend, threads)."""
+    return TrainConfig.from_preset(
+        args.protocol, target=target, eps=[eps], seed=seed, steps=args.steps, out=str(case_dir(args.name, target, plan, eps, seed)),
+        backend=args.backend, threads=args.threads, checkpoint_every=100, progress=False, **PLANS[plan],
+    )  # fmt: skip
 
 
 def report(args, store: Store, seeds: list[int]) -> None:
@@ -88,7 +99,7 @@ def report(args, store: Store, seeds: list[int]) -> None:
         floor = mean_std(floor_draws(t, args.draws))
         for p in args.plans:
             for e in args.eps:
-                runs = [RESULTS / "runs" / args.name / f"{t}-{p}-eps{e:g}-s{r['seed']}" for r in pick(t, p, e)]
+                runs = [case_dir(args.name, t, p, e, r["seed"]) for r in pick(t, p, e)]
                 if runs:
                     table.append(f"| {t} | {p} | {e:g} | {mean_std([v for out in runs for v in redrawn(out, args.draws)])} | {floor} |")
     protocol += (
@@ -114,7 +125,7 @@ def report(args, store: Store, seeds: list[int]) -> None:
     for t in args.targets:
         for p in args.plans:
             for e in args.eps:
-                out = RESULTS / "runs" / args.name / f"{t}-{p}-eps{e:g}-s{seeds[0]}"
+                out = case_dir(args.name, t, p, e, seeds[0])
                 done = [r for r in pick(t, p, e) if r["seed"] == seeds[0]]
                 if done:
                     _, method, model = load_run(out)
@@ -126,10 +137,10 @@ def report(args, store: Store, seeds: list[int]) -> None:
     print(f"wrote {RESULTS / args.name}.md, _curves.png, _samples.png")
 
 
-def redrawn(out, draws: int) -> list[float]:
-    """Exact W2² of a trained run over ``draws`` fresh draws of 1000 generated and 1000 target points."""
+def redrawn(out, draws: int, n: int = 1000) -> list[float]:
+    """Exact W2² of a trained run over ``draws`` fresh draws of ``n`` generated and ``n`` target points."""
     _, method, model = load_run(out)
-    return [w2(sample_model(method, model, 1000, seed=30_000 + k), method.target.eval_set(1000, 40_000 + k)[0]) for k in range(draws)]
+    return redraw_w2(lambda k, seed: sample_model(method, model, k, seed=seed), method.target, draws, n)
 
 
 if __name__ == "__main__":
