@@ -79,8 +79,9 @@ def main() -> None:
         "Table 1 (arXiv 2401.14069v1), whose 8 Gaussians and moons are torchcfm's (the cfm_ toys: 8 Gaussians on radius 5 with "
         "covariance sqrt(0.1) I, torchdyn's moons times 3 minus 1); † marks the tasks whose data it names without defining "
         "(here scikit-learn's S-curve in its (x, z) plane with noise 0.05, and the FFJORD checkerboard). Its protocol: batch 256, "
-        "20,000 training steps, an MLP of 3 hidden layers of 256, W2 on 1024 test samples; its numbers sit below this metric's "
-        "floor for the same data, so they were not measured as the exact W2 between independent draws."
+        "20,000 training steps, an MLP of 3 hidden layers of 256, W2 on 1024 test samples. Its numbers sit below the floor "
+        "column on the same data: they cannot be the exact W2 between independent draws of about 1000 points, so the paper "
+        "columns are not directly comparable with driftops's."
     )
     write_markdown(args.name, "NSGF and Sinkhorn-loss generators on 2D toys", table, protocol)
 
