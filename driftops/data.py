@@ -52,6 +52,16 @@ class Toy:
         return torch.randint(high, (n,), generator=gen, device=device)
 
 
+def _half_circles(n: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """scikit-learn's moons without noise (n, 2): unit half-circles, the upper centred at 0, the lower at (1, 0.5),
+    equal weights, uniform in angle."""
+    t = math.pi * Toy._rand(gen, dtype, device, n)
+    lower = Toy._randint(gen, device, 2, n).bool()
+    outer = torch.stack([t.cos(), t.sin()], 1)
+    inner = torch.stack([1 - t.cos(), 0.5 - t.sin()], 1)
+    return torch.where(lower[:, None], inner, outer)
+
+
 @dataclass(frozen=True)
 class EightGaussians(Toy):
     """Eight isotropic Gaussians of std ``std`` with equal weights, centred at angles k*pi/4 on the circle of ``radius``."""
@@ -96,11 +106,7 @@ class Moons(Toy):
     scale: float = 1.0
 
     def draw(self, n, gen, dtype, device):
-        t = math.pi * self._rand(gen, dtype, device, n)
-        lower = self._randint(gen, device, 2, n).bool()
-        outer = torch.stack([t.cos(), t.sin()], 1)
-        inner = torch.stack([1 - t.cos(), 0.5 - t.sin()], 1)
-        pts = torch.where(lower[:, None], inner, outer) - torch.tensor([0.5, 0.25], dtype=dtype, device=device)
+        pts = _half_circles(n, gen, dtype, device) - torch.tensor([0.5, 0.25], dtype=dtype, device=device)
         return self.scale * (pts + self.noise * self._randn(gen, dtype, device, n, 2))
 
 
@@ -115,11 +121,7 @@ class ShiftedMoons(Toy):
     offset: float = 1.0
 
     def draw(self, n, gen, dtype, device):
-        t = math.pi * self._rand(gen, dtype, device, n)
-        lower = self._randint(gen, device, 2, n).bool()
-        outer = torch.stack([t.cos(), t.sin()], 1)
-        inner = torch.stack([1 - t.cos(), 0.5 - t.sin()], 1)
-        pts = torch.where(lower[:, None], inner, outer) + self.shift * self._rand(gen, dtype, device, n, 1)
+        pts = _half_circles(n, gen, dtype, device) + self.shift * self._rand(gen, dtype, device, n, 1)
         return self.scale * pts - self.offset
 
 
