@@ -69,7 +69,7 @@ def main() -> None:
         floor = mean_std([math.sqrt(v) for v in floor_draws(target, 10)])
         name = f"{source} → {target}" if source else f"N(0, I) → {target}"
         mark = " †" if task in PAPER_UNDEFINED else ""
-        paper = f"{PAPER_W2[task][0]} / {PAPER_W2[task][1]}{mark} | {PAPER_W2[task][2]}{mark}" if task in PAPER_W2 else "- | -"
+        paper = f"{PAPER_W2[task][0]:.3f} / {PAPER_W2[task][1]:.3f}{mark} | {PAPER_W2[task][2]:.3f}{mark}" if task in PAPER_W2 else "- | -"
         table.append(f"| {name} | " + " | ".join(cells) + f" | {floor} | {paper} |")
     protocol = (
         f"eps {args.eps:g}; {args.steps} optimiser steps, nsgf batch {args.batch}, sinkhorn_loss batch {args.loss_batch}, nsgf pool of {args.flow_steps} "
