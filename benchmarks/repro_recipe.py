@@ -78,8 +78,8 @@ def train_recipe(cfg: TrainConfig, target: Target, out: Path) -> dict:
         if state["step"] % EVAL_EVERY == 0 or state["step"] == cfg.steps:
             with torch.no_grad():
                 score = w2(model.sample(1000, generator=torch.Generator().manual_seed(cfg.seed + 2)), reference)
-            for k, v in (("curve_steps", state["step"]), ("curve_seconds", state["seconds"]), ("curve_w2", score)):
-                state[k].append(v)
+            for k, value in (("curve_steps", state["step"]), ("curve_seconds", state["seconds"]), ("curve_w2", score)):
+                state[k].append(value)
             buffer = io.BytesIO()
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, buffer)
             atomic_write_bytes(path, lambda fh: fh.write(buffer.getvalue()))
