@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import time
 
-from common import machine_info, print_machine, print_table, recipe_drift, run_script, save
+from common import machine_info, print_machine, print_table, recipe_drift, recipe_model, run_script, save
 
 VARIANTS = {
     "converged": dict(sinkhorn_iters=1000, sinkhorn_tol=1e-3),
@@ -54,12 +54,10 @@ def recipe_steps(steps: int, eps: float, seed: int) -> dict:
     import torch
 
     from driftops.data import sample_toy
-    from driftops.models import Generator
     from driftops.train import TrainConfig
 
-    cfg = TrainConfig.from_preset("paper")
-    torch.manual_seed(seed)
-    model = Generator(cfg.noise_dim, 2, cfg.hidden, cfg.blocks, arch=cfg.arch)
+    cfg = TrainConfig.from_preset("paper", seed=seed)
+    model = recipe_model(cfg, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     errors, start = [], time.perf_counter()

@@ -160,6 +160,15 @@ def save(name: str, rows: list[dict], args: dict, machine: dict | None = None) -
     return path
 
 
+def recipe_model(cfg, dim: int):
+    """The generator of a training config ``cfg`` (a ``driftops.train.TrainConfig``) for ``dim``-dimensional samples,
+    initialised from ``cfg.seed`` (the global torch seed is set to it)."""
+    from driftops.models import Generator
+
+    torch.manual_seed(cfg.seed)
+    return Generator(cfg.noise_dim, dim, cfg.hidden, cfg.blocks, arch=cfg.arch)
+
+
 def logsumexp_underflow_free(z: torch.Tensor, dim: int) -> torch.Tensor:
     """``torch.logsumexp(z, dim)`` with the shifted exponents clamped at -80: the same float32 values (terms below
     e^-80 of the largest cannot change a float32 sum), without ``exp``'s slow path on underflowing arguments (7x

@@ -25,15 +25,14 @@ import statistics
 import time
 from pathlib import Path
 
-from common import logsumexp_underflow_free, recipe_drift
-from repro_common import RESULTS, Store, floor_draws, grid_parser, mean_std, redraw_w2, seed_list, train_resumable, write_markdown
+from common import logsumexp_underflow_free, recipe_drift, recipe_model
+from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, mean_std, redraw_w2, seed_list, train_resumable, write_markdown
 from repro_toys import case_config, case_dir, redrawn
 
 import torch
 
 from driftops import viz
 from driftops.metrics import w2
-from driftops.models import Generator
 from driftops.train import Target, TrainConfig, read_metrics
 from driftops.train.storage import atomic_write_bytes
 
@@ -43,17 +42,17 @@ LARGE = 4000  # points per side of the second W2² score
 LARGE_DRAWS = 3
 
 
-def recipe_model(cfg: TrainConfig, target: Target) -> Generator:
-    """The paper preset's generator, initialised from ``cfg.seed``."""
-    torch.manual_seed(cfg.seed)
-    return Generator(cfg.noise_dim, target.dim, cfg.hidden, cfg.blocks, arch=cfg.arch)
+def recipe_case(args: argparse.Namespace, seed: int) -> tuple[TrainConfig, Path]:
+    """The recipe run of ``seed``: its training configuration (the paper preset) and its folder."""
+    cfg = TrainConfig.from_preset("paper", target=args.target, eps=[args.eps], seed=seed, steps=args.steps)
+    return cfg, RESULTS / "runs" / args.name / f"recipe-s{seed}"
 
 
 def train_recipe(cfg: TrainConfig, target: Target, out: Path) -> dict:
     """Train the recipe run ``cfg`` (``cfg.eps[0]``, ``cfg.steps``), continuing from ``out/recipe.pt`` when present;
     a checkpoint (model, optimiser, curve) every ``EVAL_EVERY`` steps. Returns the final state's summary."""
     path = out / "recipe.pt"
-    model = recipe_model(cfg, target)
+    model = recipe_model(cfg, target.dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "seconds": 0.0, "curve_steps": [], "curve_seconds": [], "curve_w2": [], "errors": []}
     if path.exists():
@@ -89,7 +88,7 @@ def train_recipe(cfg: TrainConfig, target: Target, out: Path) -> dict:
 
 def recipe_sampler(cfg: TrainConfig, target: Target, out: Path):
     """``sample(n, seed)`` of a finished recipe run."""
-    model = recipe_model(cfg, target)
+    model = recipe_model(cfg, target.dim)
     model.load_state_dict(torch.load(out / "recipe.pt", weights_only=False)["model"])
     model.eval().requires_grad_(False)
     return lambda n, seed: model.sample(n, generator=torch.Generator().manual_seed(seed))
@@ -112,8 +111,8 @@ def main() -> None:
     for seed in [args.only_seed] if args.only_seed is not None else seeds:
         key = f"recipe|{seed}"
         if key not in store:
-            cfg = TrainConfig.from_preset("paper", target=args.target, eps=[args.eps], seed=seed, steps=args.steps)
-            state = train_recipe(cfg, target, RESULTS / "runs" / args.name / f"recipe-s{seed}")
+            cfg, out = recipe_case(args, seed)
+            state = train_recipe(cfg, target, out)
             store.add(key, {"plan": "recipe", "seed": seed, "seconds_per_step": state["seconds"] / state["step"],
                             "marginal_error": statistics.fmean(state["errors"]), **{k: state[k] for k in ("curve_steps", "curve_seconds", "curve_w2")}})  # fmt: skip
     if args.only_seed is not None:
@@ -124,18 +123,17 @@ def main() -> None:
             if key not in store:
                 summary = train_resumable(case_config(toys, args.target, plan, args.eps, seed))
                 out = case_dir(args.toys, args.target, plan, args.eps, seed)
-                rows = read_metrics(out)
-                curve = [r for r in rows if "w2" in r]
-                errors = [r["marginal_error"] for r in rows if "marginal_error" in r]
+                errors = [r["marginal_error"] for r in read_metrics(out) if "marginal_error" in r]
+                steps, seconds, w2s = curve(out)
                 store.add(key, {"plan": plan, "seed": seed, "seconds_per_step": summary["seconds"] / summary["steps"], "marginal_error": statistics.fmean(errors),
-                                "curve_steps": [r["step"] for r in curve], "curve_seconds": [r["seconds"] for r in curve], "curve_w2": [r["w2"] for r in curve]})  # fmt: skip
+                                "curve_steps": steps, "curve_seconds": seconds, "curve_w2": w2s})  # fmt: skip
     for plan in ("recipe", *DRIFTOPS_PLANS):
         for seed in seeds:
             key = f"score|{plan}|{seed}"
             if key not in store:
                 if plan == "recipe":
-                    cfg = TrainConfig.from_preset("paper", target=args.target, eps=[args.eps], seed=seed, steps=args.steps)
-                    sample = recipe_sampler(cfg, target, RESULTS / "runs" / args.name / f"recipe-s{seed}")
+                    cfg, out = recipe_case(args, seed)
+                    sample = recipe_sampler(cfg, target, out)
                     small, large = redraw_w2(sample, target, args.draws), redraw_w2(sample, target, LARGE_DRAWS, LARGE)
                 else:
                     out = case_dir(args.toys, args.target, plan, args.eps, seed)
