@@ -219,7 +219,7 @@ def _add_warmup(sub) -> None:
     p.add_argument("--cost", choices=COSTS, nargs="+", default=["sqeuclidean"])
     p.add_argument("--plan", choices=PLANS, nargs="+", default=list(PLANS), help="plans (masked kernels for one/two-sided)")
     p.add_argument("--backend", choices=[b for b in BACKENDS if b != "dense"], nargs="+", default=["auto"])
-    p.add_argument("--grad", action="store_true", help="also the kernels of differentiable drifts (dense-lazy in D <= 3)")
+    p.add_argument("--grad", action="store_true", help="also the kernels of differentiable drifts (dense-lazy, with their gradient kernels)")
     p.add_argument("--newton", type=int, default=None, help="the top-k kernel of a Newton finish keeping this many entries per row (0: none; default: the solver's, 128 for backends auto and sparse in D <= 3)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=run_warmup)

@@ -1,5 +1,9 @@
 """Every lazy path against the dense torch backend and against independent dense formulas."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -88,6 +92,28 @@ def test_gradients_match_dense(plan, cost, dtype):
     for gk, gd in zip(*grads):
         assert torch.isfinite(gk).all()
         assert rel_err(gk, gd) < TOL[dtype] * 10
+
+
+def test_gradient_kernels_are_listed():
+    """A differentiable Sinkhorn drift loads no KeOps kernel beyond those of ``job_formulas(grad=True)``, and each
+    listed formula is a kernel of its own (a fresh interpreter: its loaded kernel modules are those it used)."""
+    code = (
+        "import json, sys, torch, driftops\n"
+        "from driftops.backends.formulas import job_formulas\n"
+        "loaded = lambda: sorted(m for m in sys.modules if m.startswith('pykeops_cpp_'))\n"
+        "listed = job_formulas(3, torch.float64, plans=['sinkhorn'], backend='keops', grad=True)\n"
+        "for f in listed: f.run()\n"
+        "first = loaded()\n"
+        "x, y = torch.randn(45, 3, dtype=torch.float64), torch.randn(30, 3, dtype=torch.float64) + 0.5\n"
+        "xr, yr = x.requires_grad_(), y.requires_grad_()\n"
+        "v = driftops.drift(xr, yr, 0.5, plan='sinkhorn', backend='keops')\n"
+        "torch.autograd.grad((v * v).sum(), (xr, yr))\n"
+        "print(json.dumps([len(listed), first, loaded()]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=True)
+    count, first, after = json.loads(run.stdout.strip().splitlines()[-1])
+    assert count == len(first) == 9  # lse and mean, and their gradients to (x, y, logw) and (x, y, logw, values)
+    assert after == first
 
 
 @pytest.mark.parametrize("backend", [KeOpsBackend(), DenseBackend()])

@@ -194,6 +194,11 @@ def test_job_formulas_lists_masked_kernels_for_one_and_two_sided_only():
     assert [f.shape for f in job_formulas(2, plans=["sinkhorn"], newton=0)] == ["lse", "mean"]
     assert len(job_formulas(2, plans=["one_sided"], cost="euclidean", dtype=torch.float64)) == 4
     assert job_formulas(2, backend="dense") == []
+    # Gradients: the dense-lazy path, each reduction with one kernel per input its gradient reaches.
+    grads = job_formulas(2, plans=["one_sided"], grad=True)
+    assert not any(f.sparse for f in grads) and len(grads) == 4 + 2 * (3 + 4)
+    assert sorted(f.grad for f in grads if f.shape == "lse" and f.masked) == ["", "logw", "x", "y"]
+    assert str(grads[-1]) == "mean masked d/dvalues sqeuclidean keops D=2 float32 cpu"
     # The Newton finish's top-k kernel, unmasked, for Sinkhorn plans only.
     assert [f.shape for f in job_formulas(2, plans=["sinkhorn", "one_sided"], newton=64)].count("top64") == 1
     assert "top64" not in [f.shape for f in job_formulas(2, plans=["one_sided"], newton=64)]

@@ -17,6 +17,9 @@ weight or offset is compiled in. The variants are: the cost (2), the self mask (
 penalised by exact integer index parts, or none), the path (dense-lazy, or block-sparse with KeOps ranges, a
 separate compiled loop), the point dimension D (values have dimension D), the dtype and the device. A job
 on D-dimensional float32 clouds with one cost on one device thus compiles at most 2 x 2 x 2 = 8 kernels.
+Gradients through a dense-lazy reduction compile one more kernel per differentiated input (KeOps's
+``Grad_WithSavedForward`` of the reduction): x, y and the log-weights for ``"lse"``, and the values too for
+``"mean"`` (:data:`GRAD_INPUTS`), listed with ``job_formulas(grad=True)``: at most 2 x 7 = 14 more per cost.
 KeOps compiles each once per machine into its cache folder (6-20 s each on 2 CPU cores).
 """
 
@@ -35,6 +38,8 @@ from ..errors import DriftopsError
 from .base import topk_width
 
 SHAPES = ("lse", "mean")
+# The inputs of each reduction shape that a gradient can reach; KeOps compiles one gradient kernel per input.
+GRAD_INPUTS = {"lse": ("x", "y", "logw"), "mean": ("x", "y", "logw", "values")}
 # Name of the file, in KeOps's cache folder, listing the formulas the warm-up has compiled there.
 MANIFEST = "driftops-warmup.json"
 
@@ -43,7 +48,8 @@ MANIFEST = "driftops-warmup.json"
 class Formula:
     """One compiled KeOps kernel: reduction ``shape`` (see SHAPES, or ``"top<k>"``: the k largest logits of the Newton
     finish), ``cost``, ``masked`` (self mask), ``sparse`` (block-sparse ranges) or dense-lazy, point dimension ``dim``,
-    ``dtype`` and ``device`` type."""
+    ``dtype``, ``device`` type, and ``grad``: the input (see GRAD_INPUTS) whose gradient kernel this is, or "" for the
+    reduction itself."""
 
     shape: str
     cost: str
@@ -52,29 +58,36 @@ class Formula:
     dim: int
     dtype: str = "float32"
     device: str = "cpu"
+    grad: str = ""
 
     def __str__(self) -> str:
         path = "sparse" if self.sparse else "keops"
-        return f"{self.shape}{' masked' if self.masked else ''} {self.cost} {path} D={self.dim} {self.dtype} {self.device}"
+        grad = f" d/d{self.grad}" if self.grad else ""
+        return f"{self.shape}{' masked' if self.masked else ''}{grad} {self.cost} {path} D={self.dim} {self.dtype} {self.device}"
 
     def run(self) -> None:
-        """Evaluate the formula once on a few points (compiling it if KeOps has not yet)."""
+        """Evaluate the formula once on a few points (compiling it if KeOps has not yet); a gradient kernel by one
+        backward pass to its input alone."""
         from .keops import KeOpsBackend
         from .sparse import SparseBackend
 
         gen = torch.Generator().manual_seed(0)
         opts = {"dtype": getattr(torch, self.dtype)}
-        x, y = (torch.randn(n, self.dim, generator=gen, **opts).to(self.device) for n in (8, 6))
-        logw = torch.zeros(6, **opts, device=self.device)
+        x, y, values = (torch.randn(n, self.dim, generator=gen, **opts).to(self.device) for n in (8, 6, 6))
+        inputs = {"x": x, "y": y, "logw": torch.zeros(6, **opts, device=self.device), "values": values}
+        if self.grad:
+            inputs[self.grad].requires_grad_()
         diag = torch.arange(8, device=self.device) % 6 if self.masked else None
         backend = SparseBackend() if self.sparse else KeOpsBackend()
-        with torch.no_grad():
+        with torch.set_grad_enabled(bool(self.grad)):
             if self.shape.startswith("top"):
-                backend.reduce_topk(x, y, 1.0, self.cost, logw, int(self.shape[3:]))
+                out = backend.reduce_topk(x, y, 1.0, self.cost, inputs["logw"], int(self.shape[3:]))
             elif self.shape == "lse":
-                backend.reduce_lse(x, y, 1.0, self.cost, logw, diag)
-            else:
-                backend.reduce_mean(x, y, 1.0, self.cost, y, logw, diag)  # the kernel of reduce_lse_mean too
+                out = backend.reduce_lse(x, y, 1.0, self.cost, inputs["logw"], diag)
+            else:  # the kernel of reduce_lse_mean too
+                out = backend.reduce_mean(x, y, 1.0, self.cost, values, inputs["logw"], diag)
+            if self.grad:
+                torch.autograd.grad(out.sum(), inputs[self.grad])
 
 
 def job_formulas(
@@ -87,9 +100,10 @@ def job_formulas(
     grad: bool = False,
     newton: int | None = None,
 ) -> list[Formula]:
-    """The formulas a job with these settings can compile (``grad``: gradients through the drift are needed; ``newton``:
-    the Newton finish's k as in :class:`driftops.Sinkhorn` (None: its default for this backend and dimension, at low
-    eps), whose top-k kernel is listed for Sinkhorn plans).
+    """The formulas a job with these settings can compile (``grad``: gradients through the drift are needed, which adds
+    the gradient kernels of the dense-lazy reductions; ``newton``: the Newton finish's k as in
+    :class:`driftops.Sinkhorn` (None: its default for this backend and dimension, at low eps), whose top-k kernel is
+    listed for Sinkhorn plans).
 
     The path follows :class:`driftops.backends.AutoBackend`: block-sparse on CPU for D <= 3 without gradients,
     dense-lazy otherwise; the ``"dense"`` backend needs none. Masked variants only for one- and two-sided plans.
@@ -109,6 +123,8 @@ def job_formulas(
         raise DriftopsError(f"unknown backend {backend!r}; pass 'auto', 'keops', 'sparse' or 'dense'")
     masks = [False] + ([True] if set(plans) - {"sinkhorn"} else [])
     out = [Formula(shape, cost, masked, sparse, dim, dtype, device) for masked in masks for shape in SHAPES]
+    if grad and not sparse:
+        out += [Formula(f.shape, cost, f.masked, False, dim, dtype, device, wrt) for f in out for wrt in GRAD_INPUTS[f.shape]]
     if newton is None:
         from ..sinkhorn import NEWTON_K, low_dim_path
         from . import get_backend
