@@ -71,7 +71,8 @@ def test_barycentric_map_matches_formulas(plan):
     assert rel_err(t, ref) < 1e-8
 
 
-# Every pair of (plan, cost, dtype) values once: each case compiles its own KeOps gradient formulas (~10 s each).
+# Every pair of (plan, cost, dtype) values once: each case compiles its own KeOps gradient formulas (~10 s each); in
+# D = 2, where the tests above compile most of the reductions they differentiate.
 @pytest.mark.parametrize(
     "plan, cost, dtype",
     [
@@ -82,8 +83,8 @@ def test_barycentric_map_matches_formulas(plan):
     ],
 )
 def test_gradients_match_dense(plan, cost, dtype):
-    x, y = clouds(45, 30, 3, dtype, seed=3)
-    w = torch.randn(45, 3, dtype=dtype, generator=torch.Generator().manual_seed(9))
+    x, y = clouds(45, 30, 2, dtype, seed=3)
+    w = torch.randn(45, 2, dtype=dtype, generator=torch.Generator().manual_seed(9))
     grads = []
     for backend in ("keops", "dense"):
         xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
@@ -101,10 +102,10 @@ def test_gradient_kernels_are_listed():
         "import json, sys, torch, driftops\n"
         "from driftops.backends.formulas import job_formulas\n"
         "loaded = lambda: sorted(m for m in sys.modules if m.startswith('pykeops_cpp_'))\n"
-        "listed = job_formulas(3, torch.float64, plans=['sinkhorn'], backend='keops', grad=True)\n"
+        "listed = job_formulas(2, torch.float64, plans=['sinkhorn'], backend='keops', grad=True)\n"
         "for f in listed: f.run()\n"
         "first = loaded()\n"
-        "x, y = torch.randn(45, 3, dtype=torch.float64), torch.randn(30, 3, dtype=torch.float64) + 0.5\n"
+        "x, y = torch.randn(45, 2, dtype=torch.float64), torch.randn(30, 2, dtype=torch.float64) + 0.5\n"
         "xr, yr = x.requires_grad_(), y.requires_grad_()\n"
         "v = driftops.drift(xr, yr, 0.5, plan='sinkhorn', backend='keops')\n"
         "torch.autograd.grad((v * v).sum(), (xr, yr))\n"
