@@ -11,7 +11,9 @@ The paper's checkerboard at eps 0.01 (``--target``, ``--eps``), the paper preset
 
 Each final generator is scored by exact W2² (POT) over ``--draws`` fresh draws of 1000 vs 1000 points (the paper's
 metric) and 3 draws of 4000 vs 4000 points (a 4x lower floor), beside each size's floor (two independent target
-draws). Writes benchmarks/results/<name>.{json,md} and <name>_curves.png (W2² vs step, mean ± std over seeds).
+draws), and each drift's mean squared norm at model = target (one target batch against ``EQUILIBRIUM_DRAWS``
+independent ones: the push a generator that already matches the target still receives). Writes
+benchmarks/results/<name>.{json,md} and <name>_curves.png (W2² vs step, mean ± std over seeds).
 Resumable; ``--only-seed S`` trains one seed's recipe run, so two processes can share the work.
 
     python benchmarks/repro_recipe.py --steps 2000 --seeds 3 --threads 1 --toys repro_toys_checker
@@ -23,6 +25,7 @@ import argparse
 import io
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 from common import logsumexp_underflow_free, recipe_drift, recipe_model
@@ -31,6 +34,7 @@ from repro_toys import case_config, case_dir, redrawn
 
 import torch
 
+import driftops
 from driftops import viz
 from driftops.metrics import w2
 from driftops.train import Target, TrainConfig, read_metrics
@@ -40,6 +44,7 @@ DRIFTOPS_PLANS = ("sinkhorn_converged", "sinkhorn")
 EVAL_EVERY = 100
 LARGE = 4000  # points per side of the second W2² score
 LARGE_DRAWS = 3
+EQUILIBRIUM_DRAWS = 8
 
 
 def recipe_case(args: argparse.Namespace, seed: int) -> tuple[TrainConfig, Path]:
@@ -94,6 +99,25 @@ def recipe_sampler(cfg: TrainConfig, target: Target, out: Path):
     return lambda n, seed: model.sample(n, generator=torch.Generator().manual_seed(seed))
 
 
+def equilibrium(args: argparse.Namespace, toys: argparse.Namespace, target: Target) -> dict[str, float]:
+    """Mean squared drift norm per point when the model is the target: one batch of target points (the preset's
+    batch, seed 0) against ``EQUILIBRIUM_DRAWS`` independent target batches, for the recipe and each driftops plan
+    (the trainer's drift options)."""
+    cfg, _ = recipe_case(args, 42)
+    x = target.sample(cfg.batch, torch.Generator().manual_seed(0))
+    drifts = {"recipe": lambda y: recipe_drift(x, y, args.eps, logsumexp=logsumexp_underflow_free)[0]}
+    for plan in DRIFTOPS_PLANS:
+        opts = {k: v for k, v in case_config(toys, args.target, plan, args.eps, 42).flow_options().items() if k != "step_size"}
+        drifts[plan] = lambda y, opts=opts: driftops.drift(x, y, **opts)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sinkhorn stopped")  # the capped plan
+        for name, drift in drifts.items():
+            fields = [drift(target.sample(cfg.batch, torch.Generator().manual_seed(100 + k))) for k in range(EQUILIBRIUM_DRAWS)]
+            out[name] = float(torch.stack(fields).pow(2).sum(-1).mean())
+    return out
+
+
 def main() -> None:
     parser = grid_parser(__doc__, "repro_recipe", seeds=3)
     parser.add_argument("--target", default="checkerboard")
@@ -139,6 +163,8 @@ def main() -> None:
                     out = case_dir(args.toys, args.target, plan, args.eps, seed)
                     small, large = redrawn(out, args.draws), redrawn(out, LARGE_DRAWS, LARGE)
                 store.add(key, {"plan": plan, "seed": seed, "w2_1000": small, "w2_4000": large})
+    if "equilibrium" not in store:
+        store.add("equilibrium", equilibrium(args, toys, target))
     report(args, store, seeds)
 
 
@@ -148,17 +174,17 @@ def report(args, store: Store, seeds: list[int]) -> None:
     runs = {p: [store.records[f"{p}|{s}"] for s in seeds] for p in names}
     scores = {p: [store.records[f"score|{p}|{s}"] for s in seeds] for p in names}
     table = [
-        f"| drift | W2² at step {args.steps} (training eval) | final W2², 1000 vs 1000, {args.draws} draws | final W2², {LARGE} vs {LARGE}, {LARGE_DRAWS} draws | s/step | mean marginal error |",
-        "|---|---|---|---|---|---|",
+        f"| drift | W2² at step {args.steps} (training eval) | final W2², 1000 vs 1000, {args.draws} draws | final W2², {LARGE} vs {LARGE}, {LARGE_DRAWS} draws | s/step | mean marginal error | mean \\|V\\|² at model = target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p, name in names.items():
         table.append(
             f"| {name} | {mean_std([r['curve_w2'][-1] for r in runs[p]])} | {mean_std([v for r in scores[p] for v in r['w2_1000']])} | "
             f"{mean_std([v for r in scores[p] for v in r['w2_4000']], 4)} | {mean_std([r['seconds_per_step'] for r in runs[p]])} | "
-            f"{mean_std([r['marginal_error'] for r in runs[p]], 4)} |"
+            f"{mean_std([r['marginal_error'] for r in runs[p]], 4)} | {store.records['equilibrium'][p]:.4f} |"
         )
     floor = (mean_std(floor_draws(args.target, args.draws)), mean_std(floor_draws(args.target, LARGE_DRAWS, LARGE), 4))
-    table.append(f"| two independent target draws (the floor) | | {floor[0]} | {floor[1]} | | |")
+    table.append(f"| two independent target draws (the floor) | | {floor[0]} | {floor[1]} | | | |")
     protocol = (
         f"The paper's {args.target} at eps {args.eps:g}, the paper preset (wide residual MLP, 1.59M parameters, AdamW 2e-4, "
         f"batch 1024, no EMA, no clipping), {args.steps} steps, seeds {seeds[0]}..{seeds[-1]}, {args.threads} thread(s) per run. "
@@ -166,7 +192,9 @@ def report(args, store: Store, seeds: list[int]) -> None:
         "for the cross and the self plan); driftops: `driftops.drift` with plan sinkhorn, converged to an L1 marginal error of "
         "1e-3 or capped at 20 iterations. Training eval: exact W2² of 1000 generated vs 1000 target points at the last step. "
         "Final W2²: exact, over fresh draws of generated and target points, pooled over seeds; the floor is the same statistic "
-        "between two independent target draws. Mean marginal error: the cross plan's L1 marginal error over the steps. s/step "
+        "between two independent target draws. Mean marginal error: the cross plan's L1 marginal error over the steps. "
+        f"Mean |V|² at model = target: one batch of target points against {EQUILIBRIUM_DRAWS} independent target batches, mean "
+        "over points and batches (zero for an exact drift of the populations; what remains is sampling noise and bias). s/step "
         "is not a speed comparison: the runs shared the machine with each other (see bench_train_step.py for that)."
     )
     write_markdown(args.name, "The paper code's Sinkhorn-drifting recipe beside driftops", table, protocol)
