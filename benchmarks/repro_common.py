@@ -16,7 +16,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -26,21 +25,15 @@ import torch
 
 from driftops.metrics import w2
 from driftops.train import Target, TrainConfig, read_metrics, train
+from driftops.train.storage import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    """Write ``text`` to ``path`` atomically (its folder made if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 class Store:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -25,10 +24,12 @@ METRICS_LOG = "metrics.jsonl"
 def atomic_write_bytes(path: Path, write: Callable[[object], None]) -> None:
     """Write a file atomically: ``write(fileobj)`` into a temp file in the same folder, fsync, ``os.replace``.
 
-    A crash at any point leaves either the old file or the new one, and no temp file on exceptions.
+    A crash at any point leaves either the old file or the new one, and no temp file on exceptions. The file gets the
+    permissions of a plain ``open()`` (0o666 less the umask), not a private temp file's 0o600.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
