@@ -103,6 +103,12 @@ def curve(run_dir: str | Path) -> tuple[list[int], list[float], list[float]]:
     return [r["step"] for r in rows], [r["seconds"] for r in rows], [r["w2"] for r in rows]
 
 
+def late_mean(times: list[float], values: list[float], end: float) -> float:
+    """Mean of the ``values`` logged at ``times`` (steps or seconds) in the last third of a run ending at ``end``."""
+    late = [v for t, v in zip(times, values) if t >= 2 * end / 3]
+    return sum(late) / len(late)
+
+
 def mean_std(values: list[float], digits: int = 3) -> str:
     """``mean ± std`` (sample std over seeds; ± 0 for one value); '-' for none."""
     if not values:

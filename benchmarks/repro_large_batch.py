@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from repro_common import RESULTS, Store, grid_parser, mean_std, seed_list, train_resumable, write_atomic, write_markdown
+from repro_common import RESULTS, Store, grid_parser, late_mean, mean_std, seed_list, train_resumable, write_atomic, write_markdown
 
 from driftops import viz
 from driftops.train import TrainConfig, evaluate
@@ -51,12 +51,6 @@ def run_case(args, eps: float, batch: int, seed: int) -> dict:
     return {"eps": eps, "batch": batch, "seed": seed, "curve": points, "w2": points[-1]["w2"], "steps": points[-1]["step"]}
 
 
-def late_mean(curve: list[dict], budget: float) -> float:
-    """Mean W2^2 of a run's evaluations in the last third of its training budget."""
-    late = [p["w2"] for p in curve if p["seconds"] >= 2 * budget / 3]
-    return sum(late) / len(late)
-
-
 def main() -> None:
     parser = grid_parser(__doc__, "repro_large_batch", seeds=3)
     parser.add_argument("--eps", nargs="+", type=float, default=[0.01, 0.001])
@@ -76,7 +70,7 @@ def main() -> None:
     for eps in args.eps:
         for batch in args.batches:
             rs = [r for r in recs if (r["eps"], r["batch"]) == (eps, batch)]
-            late = [late_mean(r["curve"], args.budget) for r in rs]
+            late = [late_mean([p["seconds"] for p in r["curve"]], [p["w2"] for p in r["curve"]], args.budget) for r in rs]
             table.append(f"| {eps:g} | {batch} | {mean_std([r['w2'] for r in rs], 4)} | {mean_std(late, 4)} | {mean_std([r['steps'] for r in rs], 0)} |")
     protocol = (
         f"Paper checkerboard, Sinkhorn drift (at most {args.sinkhorn_iters} iterations per drift, backend auto), generator "

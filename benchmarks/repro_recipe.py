@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 
 from common import logsumexp_underflow_free, recipe_drift, recipe_model
-from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, mean_std, redraw_w2, seed_list, train_resumable, write_markdown
+from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, late_mean, mean_std, redraw_w2, seed_list, train_resumable, write_markdown
 from repro_toys import case_config, case_dir, redrawn
 
 import torch
@@ -103,8 +103,8 @@ def equilibrium(args: argparse.Namespace, toys: argparse.Namespace, target: Targ
     """Mean squared drift norm per point when the model is the target: one batch of target points (the preset's
     batch, seed 0) against ``EQUILIBRIUM_DRAWS`` independent target batches, for the recipe and each driftops plan
     (the trainer's drift options)."""
-    cfg, _ = recipe_case(args, 42)
-    x = target.sample(cfg.batch, torch.Generator().manual_seed(0))
+    batch = TrainConfig.from_preset("paper").batch
+    x = target.sample(batch, torch.Generator().manual_seed(0))
     drifts = {"recipe": lambda y: recipe_drift(x, y, args.eps, logsumexp=logsumexp_underflow_free)[0]}
     for plan in DRIFTOPS_PLANS:
         opts = {k: v for k, v in case_config(toys, args.target, plan, args.eps, 42).flow_options().items() if k != "step_size"}
@@ -113,7 +113,7 @@ def equilibrium(args: argparse.Namespace, toys: argparse.Namespace, target: Targ
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sinkhorn stopped")  # the capped plan
         for name, drift in drifts.items():
-            fields = [drift(target.sample(cfg.batch, torch.Generator().manual_seed(100 + k))) for k in range(EQUILIBRIUM_DRAWS)]
+            fields = [drift(target.sample(batch, torch.Generator().manual_seed(100 + k))) for k in range(EQUILIBRIUM_DRAWS)]
             out[name] = float(torch.stack(fields).pow(2).sum(-1).mean())
     return out
 
@@ -168,12 +168,6 @@ def main() -> None:
     report(args, store, seeds)
 
 
-def last_third(run: dict) -> float:
-    """A run's mean training W2² over its evaluations after two thirds of its steps."""
-    late = [w for step, w in zip(run["curve_steps"], run["curve_w2"]) if step > 2 * run["curve_steps"][-1] / 3]
-    return statistics.fmean(late)
-
-
 def report(args, store: Store, seeds: list[int]) -> None:
     """The table (mean ± std over seeds, draws pooled) and the W2²-vs-step bands."""
     names = {"recipe": "paper code's recipe (replica)", "sinkhorn_converged": "driftops, converged to 1e-3", "sinkhorn": "driftops, at most 20 iterations"}
@@ -185,7 +179,7 @@ def report(args, store: Store, seeds: list[int]) -> None:
     ]
     for p, name in names.items():
         table.append(
-            f"| {name} | {mean_std([r['curve_w2'][-1] for r in runs[p]])} | {mean_std([last_third(r) for r in runs[p]])} | "
+            f"| {name} | {mean_std([r['curve_w2'][-1] for r in runs[p]])} | {mean_std([late_mean(r['curve_steps'], r['curve_w2'], r['curve_steps'][-1]) for r in runs[p]])} | "
             f"{mean_std([v for r in scores[p] for v in r['w2_1000']])} | "
             f"{mean_std([v for r in scores[p] for v in r['w2_4000']], 4)} | {mean_std([r['seconds_per_step'] for r in runs[p]])} | "
             f"{mean_std([r['marginal_error'] for r in runs[p]], 4)} | {store.records['equilibrium'][p]:.4f} |"
