@@ -17,7 +17,7 @@ import driftops
 from driftops import threads
 from driftops.backends import AutoBackend, DenseBackend
 from driftops.backends.formulas import Formula, job_formulas
-from driftops.backends.keops import INDEX_BASE, NATIVE_CXXFLAGS, KeOpsBackend, _build_lock, keops_logits
+from driftops.backends.keops import INDEX_BASE, NATIVE_CXXFLAGS, KeOpsBackend, _build_lock, keops_logits, native_cxxflags
 from driftops.backends.sparse import cluster_ranges
 from driftops.costs import diameter
 
@@ -86,6 +86,18 @@ def test_keops_compiles_for_this_cpu_unless_the_user_set_cxxflags(env):
     if env.get("CXXFLAGS"):
         assert flags.split()[0] == env["CXXFLAGS"]  # the user's flags, first
     assert seen == env.get("CXXFLAGS")  # the environment as the user left it
+
+
+def test_native_flags_name_the_cpu():
+    """KeOps keys its cache on the flags: libraries built for one CPU's instruction set are never loaded on another."""
+    def cpuinfo(model, flags):
+        return "".join(f"processor\t: {i}\nmodel name\t: {model}\nflags\t\t: {flags}\nbogomips\t: {i}\n\n" for i in range(2))
+
+    avx2 = native_cxxflags(cpuinfo("AMD EPYC", "fpu sse2 avx avx2 fma"))
+    assert avx2.split()[0] == NATIVE_CXXFLAGS
+    assert avx2 == native_cxxflags(cpuinfo("AMD EPYC", "fpu sse2 avx avx2 fma").replace("bogomips\t: 1", "bogomips\t: 7"))
+    assert avx2 != native_cxxflags(cpuinfo("AMD EPYC", "fpu sse2 avx avx2 fma avx512f"))  # same model, more instructions
+    assert avx2 != native_cxxflags(cpuinfo("Intel(R) Xeon(R)", "fpu sse2 avx avx2 fma"))
 
 
 class _Spy(DenseBackend):

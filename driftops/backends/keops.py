@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import platform
@@ -18,26 +19,37 @@ from .base import MASK_PENALTY, Backend
 
 # Compiler flags of KeOps's CPU formulas when the user set no CXXFLAGS (x86-64 Linux with g++ or clang): code for
 # this machine's CPU (FMA, AVX-512 where present): 8192-point 2D drifts at eps 0.1 4-15% faster (the load table of
-# benchmarks/bench_drift.py, environments default and generic). KeOps keys its cache on the flags, and its build
-# folder on the host name, so a cache shared by different CPUs does not mix their libraries.
+# benchmarks/bench_drift.py, environments default and generic). KeOps keys its cache on the flags, so
+# :func:`native_cxxflags` names the CPU in them: a cache folder shared by machines with different CPUs (one home
+# directory, a resized virtual machine keeping its host name) never loads a library built for instructions the
+# CPU lacks.
 NATIVE_CXXFLAGS = "-march=native"
 
 
+def native_cxxflags(cpuinfo: str) -> str:
+    """:data:`NATIVE_CXXFLAGS` and a macro naming the CPU: a hash of the model name and instruction-set flags of
+    ``cpuinfo`` (the text of ``/proc/cpuinfo``; its first processor)."""
+    first = cpuinfo.split("\n\n")[0]
+    fields = [line.split(":", 1)[1].strip() for line in first.splitlines() if line.split(":")[0].strip() in ("model name", "flags")]
+    key = hashlib.sha1("|".join(fields).encode()).hexdigest()[:12]
+    return f"{NATIVE_CXXFLAGS} -DDRIFTOPS_CPU={key}"
+
+
 def _native_flags() -> bool:
-    """Whether to compile KeOps's formulas with :data:`NATIVE_CXXFLAGS`: no CXXFLAGS of the user's (an empty
+    """Whether to compile KeOps's formulas with :func:`native_cxxflags`: no CXXFLAGS of the user's (an empty
     one counts) and keopscore not imported yet (it reads CXXFLAGS once, at import), on x86-64 Linux."""
     return "CXXFLAGS" not in os.environ and "keopscore" not in sys.modules and sys.platform == "linux" and platform.machine() == "x86_64"
 
 
 def _import_pykeops() -> None:
-    """Import pykeops: with ``CXXFLAGS=NATIVE_CXXFLAGS`` in the environment during the import where
+    """Import pykeops: with ``CXXFLAGS`` set to :func:`native_cxxflags` in the environment during the import where
     :func:`_native_flags` (the environment restored right after: subprocesses see the user's), and without
     its "CUDA libraries not found" notice when torch sees no CUDA device (the notice then says nothing new);
     every other line it prints passes through."""
     printed = io.StringIO()
     native = _native_flags()
     if native:
-        os.environ["CXXFLAGS"] = NATIVE_CXXFLAGS
+        os.environ["CXXFLAGS"] = native_cxxflags(Path("/proc/cpuinfo").read_text())
     try:
         with contextlib.redirect_stdout(printed):
             import pykeops.torch  # noqa: F401
