@@ -105,6 +105,24 @@ def compiled_once(kind: tuple, run: Callable[[], T]) -> T:
     return out
 
 
+def differentiable_once(kind: tuple, reduce: Callable[..., T], **inputs: torch.Tensor | None) -> T:
+    """``reduce(**inputs)`` through :func:`compiled_once`; first, where autograd will reach some of the ``inputs``
+    (row-aligned tensors or None), the gradient kernels a backward pass from it loads (one per such input) are
+    compiled under the build folder's lock too, by a backward pass on two points of each input: KeOps would
+    otherwise compile them in that backward pass, outside the lock."""
+    wanted = [name for name, t in inputs.items() if torch.is_grad_enabled() and t is not None and t.requires_grad]
+    wanted = [name for name in wanted if (kind, name) not in _RUN]
+    if wanted:
+        with _build_lock():
+            for name in wanted:
+                few = {k: None if t is None else t.detach()[:2].requires_grad_(k == name) for k, t in inputs.items()}
+                out = reduce(**few)
+                outs = out if isinstance(out, tuple) else (out,)
+                torch.autograd.grad(sum(o.sum() for o in outs), few[name], allow_unused=True)
+                _RUN.add((kind, name))
+    return compiled_once(kind, lambda: reduce(**inputs))
+
+
 def reduction_kind(name: str, x: torch.Tensor, values: torch.Tensor | None, cost: str, diag: torch.Tensor | None) -> tuple:
     """The settings that select a reduction's compiled formula (for :func:`compiled_once`)."""
     return (name, cost, diag is None, x.shape[1], None if values is None else values.shape[1], x.dtype, x.device.type)
@@ -177,21 +195,24 @@ class KeOpsBackend(Backend):
     name = "keops"
 
     def reduce_lse(self, x, y, eps, cost, logw, diag):
-        return compiled_once(
+        return differentiable_once(
             reduction_kind("lse", x, None, cost, diag),
-            lambda: keops_logits(x, y, eps, cost, logw, diag).logsumexp(dim=1).reshape(-1),
+            lambda x, y, logw, diag: keops_logits(x, y, eps, cost, logw, diag).logsumexp(dim=1).reshape(-1),
+            x=x, y=y, logw=logw, diag=diag,
         )
 
     def reduce_mean(self, x, y, eps, cost, values, logw, diag):
-        return compiled_once(
+        return differentiable_once(
             reduction_kind("mean", x, values, cost, diag),
-            lambda: lse_and_mean(keops_logits(x, y, eps, cost, logw, diag), values)[1],
+            lambda x, y, values, logw, diag: lse_and_mean(keops_logits(x, y, eps, cost, logw, diag), values)[1],
+            x=x, y=y, values=values, logw=logw, diag=diag,
         )
 
     def reduce_lse_mean(self, x, y, eps, cost, values, logw):
-        return compiled_once(
+        return differentiable_once(
             reduction_kind("mean", x, values, cost, None),
-            lambda: lse_and_mean(keops_logits(x, y, eps, cost, logw, None), values.detach()),
+            lambda x, y, values, logw: lse_and_mean(keops_logits(x, y, eps, cost, logw, None), values),
+            x=x, y=y, values=values.detach(), logw=logw,
         )
 
     def reduce_topk(self, x, y, eps, cost, logw, k):
