@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import driftops  # noqa: E402,F401  (this checkout's; before torch, as the driftops command does: see driftops.threads)
 import torch  # noqa: E402
 from common import machine_info, print_machine  # noqa: E402
+from driftops.files import atomic_write_text  # noqa: E402
 
 
 def checkerboard(n: int, seed: int = 1) -> torch.Tensor:
@@ -161,8 +162,7 @@ def main() -> None:
                           f"{e_lse:>8.1e} {e_mean:>8.1e} | {ref['maxrss_mib']:>4.0f}/{sp['maxrss_mib']:<4.0f}",
                           flush=True)
     meta = {"machine": machine, "load_average_after": os.getloadavg(), "note": "keops time scaled by N/ref_rows when ref_rows < N"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    atomic_write_text(args.out, json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 import driftops  # before torch, as the driftops command does: see driftops.threads
 import torch
 
+from driftops.files import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 # Environment variables that change how the OpenMP / BLAS thread pools behave.
@@ -152,10 +154,9 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def save(name: str, rows: list[dict], args: dict, machine: dict | None = None) -> Path:
     """Write rows with the machine description and arguments to ``benchmarks/results/<name>.json``."""
-    RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     meta = {"machine": machine or machine_info(), "args": args}
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    atomic_write_text(path, json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     print(f"wrote {path}")
     return path
 

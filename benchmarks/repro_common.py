@@ -25,15 +25,9 @@ import torch
 
 from driftops.metrics import w2
 from driftops.train import Target, TrainConfig, read_metrics, train
-from driftops.train.storage import atomic_write_text
+from driftops.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (its folder made if missing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
 
 
 class Store:
@@ -66,7 +60,7 @@ class Store:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.records = {**self._read(), key: record}
             meta = {"command": command_line(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
-            write_atomic(self.path, json.dumps({"meta": meta, "records": self.records}, indent=1) + "\n")
+            atomic_write_text(self.path, json.dumps({"meta": meta, "records": self.records}, indent=1) + "\n")
 
 
 def grid_parser(doc: str, name: str, seeds: int) -> argparse.ArgumentParser:
@@ -121,7 +115,7 @@ def write_markdown(name: str, title: str, table: list[str], protocol: str) -> Pa
     """``benchmarks/results/<name>.md``: a title, the table, the protocol and the command that made it."""
     text = f"# {title}\n\n" + "\n".join(table) + f"\n\n{protocol.strip()}\n\nMade by `{command_line()}`.\n"
     path = RESULTS / f"{name}.md"
-    write_atomic(path, text)
+    atomic_write_text(path, text)
     print(text)
     return path
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from repro_common import RESULTS, Store, grid_parser, late_mean, mean_std, seed_list, train_resumable, write_atomic, write_markdown
+from repro_common import RESULTS, Store, grid_parser, late_mean, mean_std, seed_list, train_resumable, write_markdown
 
 from driftops import viz
+from driftops.files import atomic_write_text
 from driftops.train import TrainConfig, evaluate
 
 
@@ -46,7 +47,7 @@ def run_case(args, eps: float, batch: int, seed: int) -> dict:
         seconds = summary["seconds"]
         w2 = evaluate(out, n=args.eval_points, seed=10_000 + seed)["w2"]
         points.append({"step": summary["steps"], "seconds": seconds, "w2": w2})
-        write_atomic(progress, json.dumps(points))
+        atomic_write_text(progress, json.dumps(points))
         print(f"eps {eps:g} batch {batch} seed {seed}: step {summary['steps']}, {seconds:.0f} s, W2^2 {w2:.4g}", flush=True)
     return {"eps": eps, "batch": batch, "seed": seed, "curve": points, "w2": points[-1]["w2"], "steps": points[-1]["step"]}
 

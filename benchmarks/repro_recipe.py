@@ -38,7 +38,7 @@ import driftops
 from driftops import viz
 from driftops.metrics import w2
 from driftops.train import Target, TrainConfig, read_metrics
-from driftops.train.storage import atomic_write_bytes
+from driftops.files import atomic_write_bytes
 
 DRIFTOPS_PLANS = ("sinkhorn_converged", "sinkhorn")
 EVAL_EVERY = 100

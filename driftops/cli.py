@@ -23,6 +23,7 @@ from .backends import BACKENDS
 from .costs import COSTS
 from .data import TOY_ALIASES, TOYS, resolve_target
 from .errors import DivergenceError, DriftopsError
+from .files import atomic_write_bytes, atomic_write_text
 from .plans import PLANS
 from .sinkhorn import ACCELERATIONS, Sinkhorn
 
@@ -141,7 +142,7 @@ def _flow(args: argparse.Namespace, device: str, launch) -> int:
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in vars(args).items() if k != "func"} | {"device": device, "version": __version__, "world_size": world}
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     if args.threads is not None:
         set_threads(args.threads)
     warmup(job_formulas(y.shape[1], dtype, args.cost, [args.plan], args.backend, device, newton=args.newton), progress=args.progress and writer)
@@ -160,8 +161,8 @@ def _flow(args: argparse.Namespace, device: str, launch) -> int:
     if not writer:
         return 0
     metrics = {"final_w2": result.history["w2"][-1], "initial_w2": result.history["w2"][0], "wall_time": wall, "steps": result.steps}
-    (out / "metrics.json").write_text(json.dumps(metrics | {"history": result.history}, indent=2) + "\n")
-    np.save(out / "particles.npy", particles.cpu().numpy())
+    atomic_write_text(out / "metrics.json", json.dumps(metrics | {"history": result.history}, indent=2) + "\n")
+    atomic_write_bytes(out / "particles.npy", lambda fh: np.save(fh, particles.cpu().numpy()))
     paths = [
         viz.plot_snapshots(result, shown, out / "flow.png"),
         viz.plot_trails(result, out / "trails.png", target=shown),

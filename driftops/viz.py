@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
 from .errors import DriftopsError  # noqa: E402
+from .files import atomic_path  # noqa: E402
 from .flows import FlowResult  # noqa: E402
 
 TARGET_STYLE = {"s": 2, "c": "0.7", "alpha": 0.5, "linewidths": 0, "rasterized": True}
@@ -76,8 +77,8 @@ def _reference(result: FlowResult, target) -> tuple[np.ndarray | None, np.ndarra
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -173,8 +174,8 @@ def save_gif(result: FlowResult, path="flow.gif", target=None, fps: int = 10, ma
         return dots, title
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FuncAnimation(fig, draw, frames=len(frames), blit=False).save(path, writer=PillowWriter(fps=fps), dpi=80)
+    with atomic_path(path) as tmp:
+        FuncAnimation(fig, draw, frames=len(frames), blit=False).save(tmp, writer=PillowWriter(fps=fps), dpi=80)
     plt.close(fig)
     return path
 

@@ -1,5 +1,6 @@
 """Figures of flows: files written, non-empty, with the expected pixel sizes and frame counts."""
 
+import matplotlib.figure
 import pytest
 import torch
 from PIL import Image
@@ -43,6 +44,21 @@ def test_gif(tmp_path, flows):
     with Image.open(path) as im:
         assert im.format == "GIF" and im.n_frames == len(res["sinkhorn"].snapshots) == 5
         assert im.size[0] > 200 and im.size[1] > 200
+
+
+def test_a_failed_figure_leaves_the_old_file(tmp_path, flows, monkeypatch):
+    y, res = flows
+    path = viz.plot_history(res["sinkhorn"], tmp_path / "history.png")
+    good = path.read_bytes()
+
+    def crash(self, fname, *args, **kwargs):
+        open(fname, "wb").write(b"half a figure")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", crash)
+    with pytest.raises(OSError, match="simulated"):
+        viz.plot_history(res["one_sided"], path)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["history.png"]
 
 
 def test_bad_input(tmp_path):

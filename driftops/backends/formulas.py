@@ -35,6 +35,7 @@ import torch
 
 from ..costs import check_cost
 from ..errors import DriftopsError
+from ..files import atomic_write_text
 from .base import topk_width
 
 SHAPES = ("lse", "mean")
@@ -170,7 +171,7 @@ def warmup(formulas: Iterable[Formula] | None = None, progress: bool = True) -> 
         for f in tqdm(todo, disable=not progress, unit="kernel", desc="KeOps"):
             f.run()
             done.add(json.dumps(asdict(f), sort_keys=True))
-            (folder / MANIFEST).write_text(json.dumps(sorted(done), indent=1))
+            atomic_write_text(folder / MANIFEST, json.dumps(sorted(done), indent=1))
     finally:
         pykeops.set_verbose(verbose)
     print(f"driftops: compiled in {time.perf_counter() - start:.0f} s", flush=True)

@@ -3,7 +3,7 @@
 Methods (``TrainConfig.method``): ``drifting`` (flow-then-fit, :mod:`.drifting`), ``sinkhorn_loss``
 (Genevay et al., :mod:`.sinkhorn_loss`) and ``nsgf`` (velocity matching, :mod:`.nsgf`). Modules by
 job: :mod:`.config` (TrainConfig, presets), :mod:`.targets` (what a run learns), :mod:`.storage`
-(the run folder: atomic writes, checkpoint, metrics log), :mod:`.method` (the method interface and
+(the run folder: checkpoint, metrics log), :mod:`.method` (the method interface and
 the trainers' one drift call), :mod:`.loop` (the Run and its training loop), :mod:`.api` (train,
 load, sample, evaluate)::
 

@@ -21,6 +21,7 @@ from torch import nn
 from ..checks import check_choice
 from ..data import load_points
 from ..errors import DriftopsError
+from ..files import atomic_write_bytes, atomic_write_text
 from ..metrics import class_metrics, mmd, sinkhorn_w2, train_classifier, w2
 from ..parallel import Launch
 from .config import TrainConfig
@@ -29,7 +30,7 @@ from .loop import Run
 from .method import Method
 from .nsgf import NSGF
 from .sinkhorn_loss import SinkhornLoss
-from .storage import CHECKPOINT, atomic_write_bytes, atomic_write_text, load_checkpoint, read_metrics
+from .storage import CHECKPOINT, load_checkpoint, read_metrics
 from .targets import Target
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Drifting, SinkhornLoss, NSGF)}

@@ -13,10 +13,10 @@ from ..checks import as_eps, check_choice
 from ..costs import check_cost
 from ..data import TOYS, resolve_target
 from ..errors import DriftopsError
+from ..files import atomic_write_text
 from ..models import ARCHITECTURES
 from ..plans import PLANS
 from ..sinkhorn import Sinkhorn
-from .storage import atomic_write_text
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Fields that may change when a run is resumed; any other difference is refused.

@@ -29,14 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import DivergenceError, DriftopsError
+from ..files import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from ..metrics import w2
 from ..parallel import Comm, Launch
 from .config import RESUMABLE, TrainConfig
 from .method import Method
-from .storage import (
-    CHECKPOINT, METRICS_LOG, append_metrics, atomic_write_bytes, atomic_write_text, parse_checkpoint,
-    read_checkpoint, remove_stale_temporaries, truncate_metrics,
-)  # fmt: skip
+from .storage import CHECKPOINT, METRICS_LOG, append_metrics, parse_checkpoint, read_checkpoint, truncate_metrics
 from .targets import Target
 
 

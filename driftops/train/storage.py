@@ -1,4 +1,4 @@
-"""The run folder on disk: atomic file writes, the checkpoint and the metrics log.
+"""The run folder on disk: the checkpoint and the metrics log.
 
 A run folder holds ``config.json`` (a :class:`~driftops.train.TrainConfig`), ``metrics.jsonl`` (one
 JSON record per logged step), ``checkpoint.pt`` (model, EMA, optimiser, step, and every rank's RNG and method
@@ -9,45 +9,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..errors import DriftopsError
+from ..files import atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_LOG = "metrics.jsonl"
-
-
-def atomic_write_bytes(path: Path, write: Callable[[object], None]) -> None:
-    """Write a file atomically: ``write(fileobj)`` into a temp file in the same folder, fsync, ``os.replace``.
-
-    A crash at any point leaves either the old file or the new one, and no temp file on exceptions. The file gets the
-    permissions of a plain ``open()`` (0o666 less the umask), not a private temp file's 0o600.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
 
 
 def read_checkpoint(run_dir: str | Path) -> bytes:
@@ -68,12 +38,6 @@ def parse_checkpoint(data: bytes, device: str = "cpu") -> dict:
 def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> dict:
     """The checkpoint dictionary of a run folder (see :func:`parse_checkpoint`)."""
     return parse_checkpoint(read_checkpoint(run_dir), device)
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temp files of writes interrupted by a killed process (``.NAME.*.tmp``)."""
-    for stale in Path(folder).glob(".*.tmp"):
-        stale.unlink()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
