@@ -144,7 +144,7 @@ def case_sinkhorn(n, eps, impl, tol):
     def run():
         x, y = clouds(n)
         if impl == "dense-20":
-            (tx, err_xy), (tself, err_xx) = dense_sinkhorn20(x, y, eps), dense_sinkhorn20(x, x, eps)
+            (_, err_xy), (_, err_xx) = dense_sinkhorn20(x, y, eps), dense_sinkhorn20(x, x, eps)
             return {"marginal_error": max(err_xy, err_xx), "iterations": 40}
         if impl == "geomloss":
             xr = x.clone().requires_grad_()
