@@ -234,6 +234,11 @@ def test_warmup_compiles_the_listed_formulas_once(tmp_path):
     run = _python(code, KEOPS_CACHE_FOLDER=str(tmp_path))
     assert json.loads(run.stdout.strip().splitlines()[-1]) == [1, 0, 1]
     assert "compiling 1 KeOps kernel, once per machine" in run.stdout
+    # Other compiler flags (the user's, or another CPU's) make other libraries: their warm-up starts afresh.
+    code = "from driftops.backends.formulas import manifest_path; print(manifest_path())"
+    paths = {flags: _python(code, KEOPS_CACHE_FOLDER=str(tmp_path), **env).stdout.strip().splitlines()[-1] for flags, env in
+             [("native", {}), ("-O2", {"CXXFLAGS": "-O2"})]}  # fmt: skip
+    assert Path(paths["native"]).is_file() and not Path(paths["-O2"]).exists()
 
 
 def test_first_reduction_of_a_kind_waits_for_the_build_folder_lock():

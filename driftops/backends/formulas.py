@@ -25,6 +25,7 @@ KeOps compiles each once per machine into its cache folder (6-20 s each on 2 CPU
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -41,8 +42,6 @@ from .base import topk_width
 SHAPES = ("lse", "mean")
 # The inputs of each reduction shape that a gradient can reach; KeOps compiles one gradient kernel per input.
 GRAD_INPUTS = {"lse": ("x", "y", "logw"), "mean": ("x", "y", "logw", "values")}
-# Name of the file, in KeOps's cache folder, listing the formulas the warm-up has compiled there.
-MANIFEST = "driftops-warmup.json"
 
 
 @dataclass(frozen=True)
@@ -136,16 +135,20 @@ def job_formulas(
     return out
 
 
-def _cache_folder() -> Path:
+def manifest_path() -> Path:
+    """The file listing the formulas the warm-up has compiled: in KeOps's build folder, one per set of compiler flags
+    (KeOps keys its libraries on them: new flags, or a CPU of another kind, compile every formula anew)."""
     from .keops import LazyTensor  # noqa: F401  (imports pykeops quietly)
+    import keopscore
     import pykeops
 
-    return Path(pykeops.get_build_folder())
+    flags = hashlib.sha1(keopscore.config.get_cpp_flags().encode()).hexdigest()[:12]
+    return Path(pykeops.get_build_folder()) / f"driftops-warmup-{flags}.json"
 
 
-def _manifest(folder: Path) -> set[str]:
+def _manifest(path: Path) -> set[str]:
     try:
-        return set(json.loads((folder / MANIFEST).read_text()))
+        return set(json.loads(path.read_text()))
     except (OSError, ValueError):
         return set()
 
@@ -158,12 +161,12 @@ def warmup(formulas: Iterable[Formula] | None = None, progress: bool = True) -> 
     from tqdm.auto import tqdm
 
     formulas = list(job_formulas(2) if formulas is None else formulas)
-    folder = _cache_folder()
-    done = _manifest(folder)
+    path = manifest_path()
+    done = _manifest(path)
     todo = [f for f in dict.fromkeys(formulas) if json.dumps(asdict(f), sort_keys=True) not in done]
     if not todo:
         return []
-    print(f"driftops: compiling {len(todo)} KeOps kernel{'s' * (len(todo) > 1)}, once per machine (cache: {folder})", flush=True)
+    print(f"driftops: compiling {len(todo)} KeOps kernel{'s' * (len(todo) > 1)}, once per machine (cache: {path.parent})", flush=True)
     verbose = pykeops.verbose
     pykeops.set_verbose(False)
     start = time.perf_counter()
@@ -171,7 +174,7 @@ def warmup(formulas: Iterable[Formula] | None = None, progress: bool = True) -> 
         for f in tqdm(todo, disable=not progress, unit="kernel", desc="KeOps"):
             f.run()
             done.add(json.dumps(asdict(f), sort_keys=True))
-            atomic_write_text(folder / MANIFEST, json.dumps(sorted(done), indent=1))
+            atomic_write_text(path, json.dumps(sorted(done), indent=1))
     finally:
         pykeops.set_verbose(verbose)
     print(f"driftops: compiled in {time.perf_counter() - start:.0f} s", flush=True)
