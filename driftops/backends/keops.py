@@ -35,21 +35,27 @@ def native_cxxflags(cpuinfo: str) -> str:
     return f"{NATIVE_CXXFLAGS} -DDRIFTOPS_CPU={key}"
 
 
-def _native_flags() -> bool:
-    """Whether to compile KeOps's formulas with :func:`native_cxxflags`: no CXXFLAGS of the user's (an empty
-    one counts) and keopscore not imported yet (it reads CXXFLAGS once, at import), on x86-64 Linux."""
-    return "CXXFLAGS" not in os.environ and "keopscore" not in sys.modules and sys.platform == "linux" and platform.machine() == "x86_64"
+def _native_flags() -> str | None:
+    """The flags to compile KeOps's formulas with, :func:`native_cxxflags`, or None for KeOps's own: no CXXFLAGS of
+    the user's (an empty one counts), keopscore not imported yet (it reads CXXFLAGS once, at import), on x86-64 Linux
+    with a readable ``/proc/cpuinfo``."""
+    if "CXXFLAGS" in os.environ or "keopscore" in sys.modules or sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    try:
+        return native_cxxflags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return None
 
 
 def _import_pykeops() -> None:
-    """Import pykeops: with ``CXXFLAGS`` set to :func:`native_cxxflags` in the environment during the import where
-    :func:`_native_flags` (the environment restored right after: subprocesses see the user's), and without
+    """Import pykeops: with ``CXXFLAGS`` set to :func:`_native_flags` in the environment during the import where
+    there are any (the environment restored right after: subprocesses see the user's), and without
     its "CUDA libraries not found" notice when torch sees no CUDA device (the notice then says nothing new);
     every other line it prints passes through."""
     printed = io.StringIO()
     native = _native_flags()
     if native:
-        os.environ["CXXFLAGS"] = native_cxxflags(Path("/proc/cpuinfo").read_text())
+        os.environ["CXXFLAGS"] = native
     try:
         with contextlib.redirect_stdout(printed):
             import pykeops.torch  # noqa: F401
