@@ -23,9 +23,9 @@ import driftops  # noqa: F401  (before torch, as the driftops command does: see 
 import numpy as np
 import torch
 
+from driftops.files import atomic_write_text
 from driftops.metrics import w2
 from driftops.train import Target, TrainConfig, read_metrics, train
-from driftops.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

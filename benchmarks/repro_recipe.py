@@ -36,9 +36,9 @@ import torch
 
 import driftops
 from driftops import viz
+from driftops.files import atomic_write_bytes
 from driftops.metrics import w2
 from driftops.train import Target, TrainConfig, read_metrics
-from driftops.files import atomic_write_bytes
 
 DRIFTOPS_PLANS = ("sinkhorn_converged", "sinkhorn")
 EVAL_EVERY = 100
