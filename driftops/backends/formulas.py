@@ -66,8 +66,9 @@ class Formula:
         return f"{self.shape}{' masked' if self.masked else ''}{grad} {self.cost} {path} D={self.dim} {self.dtype} {self.device}"
 
     def run(self) -> None:
-        """Evaluate the formula once on a few points (compiling it if KeOps has not yet); a gradient kernel by one
-        backward pass to its input alone."""
+        """Evaluate the formula once on a few points (compiling it if KeOps has not yet); a gradient kernel by the
+        reduction with its input alone requiring a gradient (the forward pass compiles the kernels its backward pass
+        will load: :func:`driftops.backends.keops.differentiable_once`)."""
         from .keops import KeOpsBackend
         from .sparse import SparseBackend
 
@@ -81,13 +82,11 @@ class Formula:
         backend = SparseBackend() if self.sparse else KeOpsBackend()
         with torch.set_grad_enabled(bool(self.grad)):
             if self.shape.startswith("top"):
-                out = backend.reduce_topk(x, y, 1.0, self.cost, inputs["logw"], int(self.shape[3:]))
+                backend.reduce_topk(x, y, 1.0, self.cost, inputs["logw"], int(self.shape[3:]))
             elif self.shape == "lse":
-                out = backend.reduce_lse(x, y, 1.0, self.cost, inputs["logw"], diag)
+                backend.reduce_lse(x, y, 1.0, self.cost, inputs["logw"], diag)
             else:  # the kernel of reduce_lse_mean too
-                out = backend.reduce_mean(x, y, 1.0, self.cost, values, inputs["logw"], diag)
-            if self.grad:
-                torch.autograd.grad(out.sum(), inputs[self.grad])
+                backend.reduce_mean(x, y, 1.0, self.cost, values, inputs["logw"], diag)
 
 
 def job_formulas(

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 
 from ..costs import cost_power
-from .base import MASK_PENALTY, Backend
+from .base import MASK_PENALTY, Backend, needs_grad
 
 
 # Compiler flags of KeOps's CPU formulas when the user set no CXXFLAGS (x86-64 Linux with g++ or clang): code for
@@ -116,8 +116,7 @@ def differentiable_once(kind: tuple, reduce: Callable[..., T], **inputs: torch.T
     (row-aligned tensors or None), the gradient kernels a backward pass from it loads (one per such input) are
     compiled under the build folder's lock too, by a backward pass on two points of each input: KeOps would
     otherwise compile them in that backward pass, outside the lock."""
-    wanted = [name for name, t in inputs.items() if torch.is_grad_enabled() and t is not None and t.requires_grad]
-    wanted = [name for name in wanted if (kind, name) not in _RUN]
+    wanted = [name for name, t in inputs.items() if needs_grad(t) and (kind, name) not in _RUN]
     if wanted:
         with _build_lock():
             for name in wanted:
