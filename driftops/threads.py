@@ -2,8 +2,9 @@
 
 torch and KeOps's compiled CPU reductions share one OpenMP runtime: the formulas ask for
 ``libgomp.so.1``, which the dynamic loader resolves to the copy torch loaded first (same soname).
-libgomp reads its wait policy once, when it loads (at ``import torch``). The block-sparse reductions
-open one parallel region per row cluster, hundreds per call, and two waits decide their speed:
+libgomp reads its wait policy once, when it loads (at ``import torch``). Many short parallel regions run back to
+back (torch opens one per operation; KeOps's block-sparse loop as KeOps writes it, one per row cluster, hundreds
+per call), and two waits decide their speed:
 
 * by default a worker that finishes its share spins up to ``GOMP_SPINCOUNT`` = 300,000 times (about
   3 ms) before it sleeps: when another process holds a core, a region's end waits for a descheduled
@@ -23,18 +24,22 @@ wake per region (libgomp lets ``GOMP_SPINCOUNT`` override the policy's spin coun
 user's is left alone. When torch was imported first, its runtime keeps libgomp's default.
 
 Spinning costs only where threads share cores with other work. So every public driftops call and every
-reduction runs, torch's work and KeOps's alike, on torch's thread count less the cores that other
-processes (and the hypervisor's steal) kept busy over the last quarter second (:class:`OtherLoad`,
-from ``/proc/stat`` and this process's CPU time), at least one: beside a busy process, or as one of two
-driftops processes at once, driftops runs on one thread, which never waits for a descheduled partner.
-On an idle machine the count is torch's (one per usable core, which KeOps shares since the runtime is
-shared), so a larger machine still uses all its cores; :func:`set_threads` fixes the count (no
-adaptation to the load). The caller's counts are restored after each call.
+reduction runs its torch work on torch's thread count less the cores that other processes (and the hypervisor's
+steal) kept busy over the last quarter second (:class:`OtherLoad`, from ``/proc/stat`` and this process's CPU time),
+at least one: torch splits an operation's work statically and would wait for a descheduled thread. KeOps's CPU
+loops, which driftops compiles to hand out rows to threads as they come free
+(:data:`driftops.backends.keops.LOOP_SCHEDULES`), run on the caller's whole count whatever the load (:func:`loop`):
+a thread that shares its core with another process takes fewer rows, so the loop keeps the share of that core the
+system gives it. (Where KeOps was imported before driftops its loops keep their static split and the reduced count.)
+On an idle machine the count is torch's (one per usable core, which KeOps shares since the runtime is shared), so a
+larger machine still uses all its cores; :func:`set_threads` fixes the count (no adaptation to the load). The
+caller's counts are restored after each call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import os
@@ -69,6 +74,8 @@ class ThreadSettings:
 
 
 _settings = ThreadSettings()
+# torch's thread count of the caller of the outermost driftops scope that changed it (None: unchanged).
+_caller: contextvars.ContextVar[int | None] = contextvars.ContextVar("driftops_caller_threads", default=None)
 
 
 def import_torch() -> None:
@@ -141,13 +148,16 @@ def reduction_threads(cpu: bool) -> int | None:
 
 
 def settings() -> dict:
-    """The current settings, for logs and benchmark records: driftops's choices (:class:`ThreadSettings`),
-    torch's thread count and each OpenMP runtime's ``omp_get_max_threads`` on this thread."""
+    """The current settings, for logs and benchmark records: driftops's choices (:class:`ThreadSettings`), KeOps's
+    loop schedule (``"dynamic"``: driftops's, see :func:`loop`), torch's thread count and each OpenMP runtime's
+    ``omp_get_max_threads`` on this thread."""
     import torch
+
+    from .backends import keops
 
     runtimes = {Path(lib._name).name: lib.omp_get_max_threads() for lib in openmp_runtimes()}
     return {
-        "spin_count": _settings.spin_count, "threads": _settings.threads,
+        "spin_count": _settings.spin_count, "threads": _settings.threads, "keops_loops": "dynamic" if keops.DYNAMIC else "static",
         "other_load": round(other_load.cores, 2), "torch_threads": torch.get_num_threads(), "openmp_max_threads": runtimes,
     }  # fmt: skip
 
@@ -179,6 +189,22 @@ def set_threads(n: int | None) -> None:
     _settings = replace(_settings, threads=n)
 
 
+def loop_threads(cpu: bool) -> int | None:
+    """The thread count of KeOps's dynamically scheduled CPU loops (``cpu``: of CPU tensors): :func:`set_threads`'s,
+    else the count the caller gave torch, whatever the load (a thread sharing its core with other work takes fewer
+    rows instead of holding up the others); None: unchanged (the caller's count is the current one)."""
+    if _settings.threads is not None or not cpu:
+        return _settings.threads
+    return _caller.get()
+
+
+def loop(fn: Callable[[], T], cpu: bool = True) -> T:
+    """``fn()`` (a KeOps loop; ``cpu``: over CPU tensors) on :func:`loop_threads` threads; the counts as they were
+    afterwards."""
+    with _count(loop_threads(cpu)):
+        return fn()
+
+
 def call(fn: Callable[[], T], cpu: bool = True) -> T:
     """``fn()`` (a reduction; ``cpu``: of CPU tensors) on :func:`reduction_threads` threads; the caller's thread
     counts are unchanged afterwards."""
@@ -201,7 +227,7 @@ def scoped(fn: Callable[..., T]) -> Callable[..., T]:
 @contextlib.contextmanager
 def _count(n: int | None) -> Iterator[None]:
     """Within the block, ``n`` threads (None: unchanged) for torch and every ``libgomp.so.1`` runtime on this
-    thread; afterwards the previous counts."""
+    thread; afterwards the previous counts. The outermost change records the caller's count (:func:`loop_threads`)."""
     if n is None:
         yield
         return
@@ -209,6 +235,7 @@ def _count(n: int | None) -> Iterator[None]:
 
     before = torch.get_num_threads()
     runtimes = [(lib, lib.omp_get_max_threads()) for lib in openmp_runtimes()]
+    outermost = _caller.set(before) if _caller.get() is None else None
     torch.set_num_threads(n)
     for lib, _ in runtimes:
         lib.omp_set_num_threads(n)
@@ -218,3 +245,5 @@ def _count(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
         for lib, count in runtimes:
             lib.omp_set_num_threads(count)
+        if outermost is not None:
+            _caller.reset(outermost)

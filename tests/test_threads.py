@@ -17,7 +17,8 @@ import driftops
 from driftops import threads
 from driftops.backends import AutoBackend, DenseBackend
 from driftops.backends.formulas import Formula, job_formulas
-from driftops.backends.keops import INDEX_BASE, NATIVE_CXXFLAGS, KeOpsBackend, _build_lock, keops_logits, native_cxxflags
+from driftops.backends import keops
+from driftops.backends.keops import INDEX_BASE, NATIVE_CXXFLAGS, SCHEDULE_MACRO, KeOpsBackend, _build_lock, keops_logits, native_cxxflags
 from driftops.backends.sparse import cluster_ranges
 from driftops.costs import diameter
 
@@ -83,9 +84,32 @@ def test_keops_compiles_for_this_cpu_unless_the_user_set_cxxflags(env):
     flags, seen = json.loads(_python(code, **env).stdout.strip().splitlines()[-1])
     native = not env and sys.platform == "linux" and platform.machine() == "x86_64"
     assert (NATIVE_CXXFLAGS in flags.split()) == native
+    assert SCHEDULE_MACRO in flags.split()  # driftops's loops: never mixed with KeOps's own in a cache
     if env.get("CXXFLAGS"):
         assert flags.split()[0] == env["CXXFLAGS"]  # the user's flags, first
     assert seen == env.get("CXXFLAGS")  # the environment as the user left it
+
+
+def test_keops_loops_hand_out_rows_as_threads_come_free():
+    """The generated CPU loops (here rendered, not compiled): one region per block-sparse call over row clusters, the
+    dense-lazy rows in chunks, both scheduled dynamically; batched reductions keep KeOps's inner region."""
+    assert keops.DYNAMIC and threads.settings()["keops_loops"] == "dynamic"
+    pragmas = {}
+    for name, cls in keops._templates().items():
+        loop = cls("Sum_Reduction(Var(0,1,0)*Var(1,1,1),0)", [], 2, "float", "float", "block_sum", 0, 0, 0, 0, 0, -1)
+        loop.get_code()
+        pragmas[name] = [line.strip() for line in loop.code.splitlines() if "#pragma omp" in line]
+    assert pragmas == {
+        "CpuReduc": ["#pragma omp parallel for schedule(dynamic, 32)"],
+        "CpuReduc_ranges": ["#pragma omp parallel for schedule(dynamic) if(nbatchdims == 0)", "#pragma omp parallel for if(nbatchdims > 0)"],
+    }
+
+
+def test_keops_imported_first_keeps_its_own_flags_and_loops():
+    code = "import json, keopscore, driftops; print(json.dumps([keopscore.config.get_cpp_flags(), driftops.threads.settings()]))"
+    flags, settings = json.loads(_python(code).stdout.strip().splitlines()[-1])
+    assert SCHEDULE_MACRO not in flags.split() and NATIVE_CXXFLAGS not in flags.split()
+    assert settings["keops_loops"] == "static"
 
 
 def test_native_flags_name_the_cpu():
@@ -152,6 +176,37 @@ def test_reductions_leave_the_cores_other_processes_keep_busy(monkeypatch):
         driftops.set_threads(2)  # a fixed count ignores the load
         spy.lse(x, x, 0.5, "sqeuclidean")
         assert spy.seen[-1][0] == 2
+    finally:
+        driftops.set_threads(None)
+        torch.set_num_threads(before)
+
+
+def test_keops_loops_run_on_the_callers_threads_whatever_the_load(monkeypatch):
+    """Beside other work a reduction's torch work drops to the free cores; its dynamically scheduled KeOps loop keeps
+    the caller's count (set_threads's where set); GPU loops are left alone; every count restored afterwards."""
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads.other_load, "cores", 2.6)
+    monkeypatch.setattr(threads.other_load, "last", (float("inf"), 0.0, 0.0))
+    before = torch.get_num_threads()
+    x = torch.randn(3, 2)
+
+    def counts() -> set[int]:
+        return {torch.get_num_threads()} | {lib.omp_get_max_threads() for lib in threads.openmp_runtimes()}
+
+    def reduction(device: str) -> tuple[set[int], set[int]]:
+        kind = keops.reduction_kind("counts", x, None, "sqeuclidean", None)._replace(device=device)
+        return threads.call(lambda: (counts(), keops.compiled_once(kind, counts)))
+
+    try:
+        torch.set_num_threads(4)
+        assert reduction("cpu") == ({1}, {4})
+        assert reduction("cuda") == ({1}, {1})
+        driftops.set_threads(2)
+        assert reduction("cpu") == ({2}, {2})
+        driftops.set_threads(None)
+        monkeypatch.setattr(keops, "DYNAMIC", False)  # KeOps's own static loops: the reduced count
+        assert reduction("cpu") == ({1}, {1})
+        assert counts() == {4}
     finally:
         driftops.set_threads(None)
         torch.set_num_threads(before)

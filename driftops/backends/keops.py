@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
 import platform
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
 import torch
 
+from .. import threads
 from ..costs import cost_power
 from .base import MASK_PENALTY, Backend, needs_grad
 
@@ -24,6 +26,25 @@ from .base import MASK_PENALTY, Backend, needs_grad
 # directory, a resized virtual machine keeping its host name) never loads a library built for instructions the
 # CPU lacks.
 NATIVE_CXXFLAGS = "-march=native"
+# Added to the flags of every formula driftops compiles with its own loop schedule (:func:`_schedule_dynamically`):
+# KeOps keys its cache on the flags, so these libraries and KeOps's own never mix in one build folder.
+SCHEDULE_MACRO = "-DDRIFTOPS_SCHEDULE=dynamic"
+# KeOps's CPU loops (keopscore's code templates) as driftops compiles them: (template class, pattern, replacement).
+# The block-sparse loop opens one parallel region per row cluster, each splitting the cluster's rows statically;
+# here one region per call hands out whole row clusters to the threads as they come free (the inner region stays
+# for batched reductions, which driftops does not use). The dense-lazy loop splits its rows statically; here in
+# chunks of 32 handed out as they come free. A thread that shares its core with another process then takes fewer
+# rows instead of holding up the others, so KeOps's loops keep every core's share beside other work.
+LOOP_SCHEDULES = (
+    ("CpuReduc_ranges", r"(?=\n[ \t]*for \(signed long int range_index = 0; range_index < nranges; range_index\+\+\))",
+     "\n    #pragma omp parallel for schedule(dynamic) if(nbatchdims == 0)"),
+    ("CpuReduc_ranges", r"#pragma omp parallel for[ \t]*(?=\n[ \t]*for \(signed long int i = start_x;)",
+     "#pragma omp parallel for if(nbatchdims > 0)"),
+    ("CpuReduc", r"#pragma omp parallel for[ \t]*(?=\n[ \t]*for \(signed long int i = 0; i < nx; i\+\+\))",
+     "#pragma omp parallel for schedule(dynamic, 32)"),
+)  # fmt: skip
+# Whether KeOps's CPU loops are compiled with LOOP_SCHEDULES (set at import: :func:`_import_pykeops`).
+DYNAMIC = False
 
 
 def native_cxxflags(cpuinfo: str) -> str:
@@ -36,10 +57,8 @@ def native_cxxflags(cpuinfo: str) -> str:
 
 
 def _native_flags() -> str | None:
-    """The flags to compile KeOps's formulas with, :func:`native_cxxflags`, or None for KeOps's own: no CXXFLAGS of
-    the user's (an empty one counts), keopscore not imported yet (it reads CXXFLAGS once, at import), on x86-64 Linux
-    with a readable ``/proc/cpuinfo``."""
-    if "CXXFLAGS" in os.environ or "keopscore" in sys.modules or sys.platform != "linux" or platform.machine() != "x86_64":
+    """:func:`native_cxxflags` on x86-64 Linux with a readable ``/proc/cpuinfo``, else None (KeOps's own flags)."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
         return None
     try:
         return native_cxxflags(Path("/proc/cpuinfo").read_text())
@@ -47,21 +66,58 @@ def _native_flags() -> str | None:
         return None
 
 
+def _templates() -> dict[str, type]:
+    """keopscore's CPU code template classes named in :data:`LOOP_SCHEDULES`."""
+    from keopscore.mapreduce.cpu.CpuReduc import CpuReduc
+    from keopscore.mapreduce.cpu.CpuReduc_ranges import CpuReduc_ranges
+
+    return {"CpuReduc": CpuReduc, "CpuReduc_ranges": CpuReduc_ranges}
+
+
+def _schedule_dynamically() -> bool:
+    """Make keopscore generate its CPU loops with :data:`LOOP_SCHEDULES`; False (nothing changed) unless each pattern
+    occurs exactly once in its template's source (another KeOps version)."""
+    import inspect
+    import re
+
+    templates = _templates()
+    sources = {name: inspect.getsource(cls.get_code) for name, cls in templates.items()}
+    if any(len(re.findall(pattern, sources[name])) != 1 for name, pattern, _ in LOOP_SCHEDULES):
+        return False
+    for name, cls in templates.items():
+        rules = [(pattern, text) for owner, pattern, text in LOOP_SCHEDULES if owner == name]
+
+        def get_code(self, _generate=cls.get_code, _rules=rules) -> None:
+            _generate(self)
+            for pattern, text in _rules:
+                self.code = re.sub(pattern, lambda _: text, self.code, count=1)
+
+        cls.get_code = get_code
+    return True
+
+
 def _import_pykeops() -> None:
-    """Import pykeops: with ``CXXFLAGS`` set to :func:`_native_flags` in the environment during the import where
-    there are any (the environment restored right after: subprocesses see the user's), and without
-    its "CUDA libraries not found" notice when torch sees no CUDA device (the notice then says nothing new);
-    every other line it prints passes through."""
+    """Import pykeops, and where keopscore is not imported yet (it reads ``CXXFLAGS`` once, at import): with
+    ``CXXFLAGS`` in the environment during the import set to the user's, or where they set none (an empty one
+    counts) :func:`_native_flags`, followed by :data:`SCHEDULE_MACRO`, and with :data:`LOOP_SCHEDULES`; the
+    environment is restored right after (subprocesses see the user's). Without its "CUDA libraries not found"
+    notice when torch sees no CUDA device (the notice then says nothing new); every other line it prints passes
+    through."""
+    global DYNAMIC
     printed = io.StringIO()
-    native = _native_flags()
-    if native:
-        os.environ["CXXFLAGS"] = native
+    own = "keopscore" not in sys.modules
+    user = os.environ.get("CXXFLAGS")
+    if own:
+        os.environ["CXXFLAGS"] = " ".join(f for f in (user if user is not None else _native_flags(), SCHEDULE_MACRO) if f)
     try:
         with contextlib.redirect_stdout(printed):
             import pykeops.torch  # noqa: F401
+        DYNAMIC = own and _schedule_dynamically()
     finally:
-        if native:
+        if own and user is None:
             del os.environ["CXXFLAGS"]
+        elif own:
+            os.environ["CXXFLAGS"] = user
     quiet = not torch.cuda.is_available()
     for line in printed.getvalue().splitlines():
         if not (quiet and "CUDA libraries not found" in line):
@@ -73,7 +129,7 @@ from pykeops.torch import LazyTensor, Vi, Vj  # noqa: E402
 
 T = TypeVar("T")
 # Kinds of reduction (see ``compiled_once``) this process has run at least once.
-_RUN: set[tuple] = set()
+_RUN: set[Kind | tuple[Kind, str]] = set()
 
 
 @contextlib.contextmanager
@@ -96,13 +152,16 @@ def _build_lock() -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def compiled_once(kind: tuple, run: Callable[[], T]) -> T:
-    """``run()``, a KeOps reduction of this ``kind`` (everything that selects its compiled formula).
+def compiled_once(kind: Kind, run: Callable[[], T]) -> T:
+    """``run()``, a KeOps reduction of this ``kind`` (everything that selects its compiled formula), on the threads
+    of :func:`driftops.threads.loop` where KeOps's loops are scheduled dynamically (:data:`DYNAMIC`).
 
     KeOps writes a new formula's library in place, so a process sharing the build folder (another rank, another
     experiment) can load it half-written. The first run of each kind in this process therefore holds the build
     folder's lock: a second process compiling the same formula waits, then loads the finished library.
     """
+    if DYNAMIC:
+        run = functools.partial(threads.loop, run, kind.device == "cpu")
     if kind in _RUN:
         return run()
     with _build_lock():
@@ -111,7 +170,7 @@ def compiled_once(kind: tuple, run: Callable[[], T]) -> T:
     return out
 
 
-def differentiable_once(kind: tuple, reduce: Callable[..., T], **inputs: torch.Tensor | None) -> T:
+def differentiable_once(kind: Kind, reduce: Callable[..., T], **inputs: torch.Tensor | None) -> T:
     """``reduce(**inputs)`` through :func:`compiled_once`; first, where autograd will reach some of the ``inputs``
     (row-aligned tensors or None), the gradient kernels a backward pass from it loads (one per such input) are
     compiled under the build folder's lock too, by a backward pass on two points of each input: KeOps would
@@ -128,9 +187,21 @@ def differentiable_once(kind: tuple, reduce: Callable[..., T], **inputs: torch.T
     return compiled_once(kind, lambda: reduce(**inputs))
 
 
-def reduction_kind(name: str, x: torch.Tensor, values: torch.Tensor | None, cost: str, diag: torch.Tensor | None) -> tuple:
+class Kind(NamedTuple):
     """The settings that select a reduction's compiled formula (for :func:`compiled_once`)."""
-    return (name, cost, diag is None, x.shape[1], None if values is None else values.shape[1], x.dtype, x.device.type)
+
+    name: str
+    cost: str
+    masked: bool
+    dim: int
+    values: int | None
+    dtype: torch.dtype
+    device: str
+
+
+def reduction_kind(name: str, x: torch.Tensor, values: torch.Tensor | None, cost: str, diag: torch.Tensor | None) -> Kind:
+    """The :class:`Kind` of a reduction ``name`` from x (N, D) with ``values`` (M, E) or None and self mask ``diag``."""
+    return Kind(name, cost, diag is not None, x.shape[1], None if values is None else values.shape[1], x.dtype, x.device.type)
 
 
 # Indices enter KeOps formulas as floats of the inputs' dtype: split into two parts below 2^24 (exact in
