@@ -6,7 +6,8 @@ torch drift (Sinkhorn: 20 normalisations per problem) timed in the same process
 (best and median of ``--repeat`` calls after a warm-up call), each in a fresh subprocess under three
 environments (``default``: no OpenMP variable and no CXXFLAGS set, as in a fresh shell; ``passive``:
 OMP_WAIT_POLICY=PASSIVE; ``omp1``: OMP_NUM_THREADS=1; on request ``generic``: KeOps's formulas compiled without
-driftops's ``-march=native``, CXXFLAGS set empty) and three loads (``idle``; ``busy``: another process spinning on one core;
+driftops's ``-march=native``, CXXFLAGS set empty, and ``static``: the same with keopscore imported before driftops,
+so that KeOps's loops keep their own static schedule and follow driftops's reduced thread count) and three loads (``idle``; ``busy``: another process spinning on one core;
 ``pair``: two copies of the case at once, both reported). Then, unless ``--loads-only``: for N = M in 2D
 and each plan, seconds of one drift evaluation with ``backend="auto"`` (block-sparse in 2D, truncated at exp(-20)) and
 ``backend="keops"`` (every pair visited), peak memory, pair evaluations per second
@@ -21,6 +22,7 @@ their marginal error, and GeomLoss's gradient time.
     python benchmarks/bench_drift.py                 # everything (about 65 minutes)
     python benchmarks/bench_drift.py --quick         # small sizes, a few minutes
     python benchmarks/bench_drift.py --loads-only --loads idle --envs default generic   # compiler flags
+    python benchmarks/bench_drift.py --loads-only --plans one_sided two_sided --envs default generic static  # loops
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import sys
 import time
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+if os.environ.get("BENCH_KEOPS_FIRST"):  # the "static" environment (common.ENVIRONMENTS)
+    import keopscore  # noqa: F401
 import driftops  # noqa: E402  (this checkout's; before torch, as the driftops command does: see driftops.threads)
 import torch  # noqa: E402
 

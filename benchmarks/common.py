@@ -24,11 +24,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 # Environment variables that change how the OpenMP / BLAS thread pools behave.
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_DYNAMIC", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
-              "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KEOPS_CACHE_FOLDER", "DRIFTOPS_THREADS", "CXXFLAGS")
+              "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KEOPS_CACHE_FOLDER", "DRIFTOPS_THREADS", "CXXFLAGS",
+              "BENCH_KEOPS_FIRST")
 # Named environments for subprocess runs: "default" is a fresh shell (none of THREAD_ENV's OpenMP variables set, no
-# CXXFLAGS); "generic": KeOps's formulas compiled without driftops's -march=native (CXXFLAGS set, empty).
+# CXXFLAGS); "generic": KeOps's formulas compiled without driftops's -march=native (CXXFLAGS set, empty); "static":
+# the same with keopscore imported before driftops (where the script offers it: bench_drift.py reads BENCH_KEOPS_FIRST),
+# so that KeOps's loops keep their own static schedule.
 ENVIRONMENTS = {
     "default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "omp1": {"OMP_NUM_THREADS": "1"}, "generic": {"CXXFLAGS": ""},
+    "static": {"CXXFLAGS": "", "BENCH_KEOPS_FIRST": "1"},
 }  # fmt: skip
 
 
