@@ -15,9 +15,8 @@ import torch
 
 import driftops
 from driftops import threads
-from driftops.backends import AutoBackend, DenseBackend
+from driftops.backends import AutoBackend, DenseBackend, keops
 from driftops.backends.formulas import Formula, job_formulas
-from driftops.backends import keops
 from driftops.backends.keops import INDEX_BASE, NATIVE_CXXFLAGS, SCHEDULE_MACRO, KeOpsBackend, _build_lock, keops_logits, native_cxxflags
 from driftops.backends.sparse import cluster_ranges
 from driftops.costs import diameter

@@ -76,12 +76,15 @@ def _templates() -> dict[str, type]:
 
 def _schedule_dynamically() -> bool:
     """Make keopscore generate its CPU loops with :data:`LOOP_SCHEDULES`; False (nothing changed) unless each pattern
-    occurs exactly once in its template's source (another KeOps version)."""
+    occurs exactly once in its template's source (another KeOps version, or no source to read)."""
     import inspect
     import re
 
     templates = _templates()
-    sources = {name: inspect.getsource(cls.get_code) for name, cls in templates.items()}
+    try:
+        sources = {name: inspect.getsource(cls.get_code) for name, cls in templates.items()}
+    except (OSError, TypeError):
+        return False
     if any(len(re.findall(pattern, sources[name])) != 1 for name, pattern, _ in LOOP_SCHEDULES):
         return False
     for name, cls in templates.items():
