@@ -123,13 +123,18 @@ def test_native_flags_name_the_cpu():
     assert avx2 != native_cxxflags(cpuinfo("Intel(R) Xeon(R)", "fpu sse2 avx avx2 fma"))
 
 
+def _counts() -> set[int]:
+    """The thread counts in force on this thread: torch's and every ``libgomp.so.1`` runtime's."""
+    return {torch.get_num_threads()} | {lib.omp_get_max_threads() for lib in threads.openmp_runtimes()}
+
+
 class _Spy(DenseBackend):
     """Records the thread counts seen inside a reduction."""
 
-    seen: list[tuple[int, list[int]]] = []
+    seen: list[set[int]] = []
 
     def reduce_lse(self, x, y, eps, cost, logw, diag):
-        self.seen.append((torch.get_num_threads(), [lib.omp_get_max_threads() for lib in threads.openmp_runtimes()]))
+        self.seen.append(_counts())
         return super().reduce_lse(x, y, eps, cost, logw, diag)
 
 
@@ -145,12 +150,11 @@ def test_set_threads_applies_inside_calls_and_restores_the_callers_settings(monk
         torch.set_num_threads(other)
         driftops.set_threads(1)
         spy.lse(x, x, 0.5, "sqeuclidean")
-        assert spy.seen[-1][0] == 1 and set(spy.seen[-1][1]) <= {1}
-        assert torch.get_num_threads() == other
-        assert all(lib.omp_get_max_threads() == other for lib in threads.openmp_runtimes())
+        assert spy.seen[-1] == {1}
+        assert _counts() == {other}
         driftops.set_threads(None)
         spy.lse(x, x, 0.5, "sqeuclidean")
-        assert spy.seen[-1][0] == other
+        assert spy.seen[-1] == {other}
     finally:
         driftops.set_threads(None)
         torch.set_num_threads(before)
@@ -167,14 +171,13 @@ def test_reductions_leave_the_cores_other_processes_keep_busy(monkeypatch):
             monkeypatch.setattr(threads.other_load, "cores", busy)
             monkeypatch.setattr(threads.other_load, "last", (float("inf"), 0.0, 0.0))  # no re-measurement
             spy.lse(x, x, 0.5, "sqeuclidean")
-            assert spy.seen[-1][0] == expected and set(spy.seen[-1][1]) <= {expected}
+            assert spy.seen[-1] == {expected}
             assert torch.get_num_threads() == 4
         monkeypatch.setattr(threads.other_load, "cores", 1.0)
-        seen = threads.scoped(lambda: (torch.get_num_threads(), [lib.omp_get_max_threads() for lib in threads.openmp_runtimes()]))()
-        assert seen[0] == 3 and set(seen[1]) <= {3} and torch.get_num_threads() == 4  # a public call's own torch work too
+        assert threads.scoped(_counts)() == {3} and torch.get_num_threads() == 4  # a public call's own torch work too
         driftops.set_threads(2)  # a fixed count ignores the load
         spy.lse(x, x, 0.5, "sqeuclidean")
-        assert spy.seen[-1][0] == 2
+        assert spy.seen[-1] == {2}
     finally:
         driftops.set_threads(None)
         torch.set_num_threads(before)
@@ -189,12 +192,9 @@ def test_keops_loops_run_on_the_callers_threads_whatever_the_load(monkeypatch):
     before = torch.get_num_threads()
     x = torch.randn(3, 2)
 
-    def counts() -> set[int]:
-        return {torch.get_num_threads()} | {lib.omp_get_max_threads() for lib in threads.openmp_runtimes()}
-
     def reduction(device: str) -> tuple[set[int], set[int]]:
         kind = keops.reduction_kind("counts", x, None, "sqeuclidean", None)._replace(device=device)
-        return threads.call(lambda: (counts(), keops.compiled_once(kind, counts)))
+        return threads.call(lambda: (_counts(), keops.compiled_once(kind, _counts)))
 
     try:
         torch.set_num_threads(4)
@@ -205,7 +205,7 @@ def test_keops_loops_run_on_the_callers_threads_whatever_the_load(monkeypatch):
         driftops.set_threads(None)
         monkeypatch.setattr(keops, "DYNAMIC", False)  # KeOps's own static loops: the reduced count
         assert reduction("cpu") == ({1}, {1})
-        assert counts() == {4}
+        assert _counts() == {4}
     finally:
         driftops.set_threads(None)
         torch.set_num_threads(before)
