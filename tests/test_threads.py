@@ -17,7 +17,7 @@ import driftops
 from driftops import threads
 from driftops.backends import AutoBackend, DenseBackend, keops
 from driftops.backends.formulas import Formula, job_formulas
-from driftops.backends.keops import INDEX_BASE, NATIVE_CXXFLAGS, SCHEDULE_MACRO, KeOpsBackend, _build_lock, keops_logits, native_cxxflags
+from driftops.backends.keops import INDEX_BASE, NATIVE_CXXFLAGS, LOOPS_MACRO, KeOpsBackend, _build_lock, keops_logits, native_cxxflags
 from driftops.backends.sparse import cluster_ranges
 from driftops.costs import diameter
 
@@ -83,7 +83,9 @@ def test_keops_compiles_for_this_cpu_unless_the_user_set_cxxflags(env):
     flags, seen = json.loads(_python(code, **env).stdout.strip().splitlines()[-1])
     native = not env and sys.platform == "linux" and platform.machine() == "x86_64"
     assert (NATIVE_CXXFLAGS in flags.split()) == native
-    assert SCHEDULE_MACRO in flags.split()  # driftops's loops: never mixed with KeOps's own in a cache
+    assert LOOPS_MACRO in flags.split()  # driftops's loops: never mixed with KeOps's own in a cache
+    vector = keops._vector_exp_flags()
+    assert vector is None or f" {vector} " in f" {' '.join(flags.split())} "  # libmvec, where installed
     if env.get("CXXFLAGS"):
         assert flags.split()[0] == env["CXXFLAGS"]  # the user's flags, first
     assert seen == env.get("CXXFLAGS")  # the environment as the user left it
@@ -104,10 +106,25 @@ def test_keops_loops_hand_out_rows_as_threads_come_free():
     }
 
 
+def test_keops_softmax_columns_are_summed_in_tiles():
+    """Log-sum-exp / softmax reductions (rendered, not compiled) sum their unbatched columns in tiles with the
+    vectorised exp declared; batched block-sparse columns and other reductions keep KeOps's own loop."""
+    for name, cls in keops._templates().items():
+        head = keops.COLUMN_LOOPS[name][0]
+        for formula, tiled in [("Max_SumShiftExpWeight_Reduction(Var(0,1,0)*Var(1,1,1),0,Var(2,2,1))", True),
+                               ("Sum_Reduction(Var(0,1,0)*Var(1,1,1),0)", False)]:  # fmt: skip
+            loop = cls(formula, [], 3, "float", "float", "block_sum", 0, 0, 0, 0, 0, -1)
+            loop.get_code()
+            assert loop.code.count(f"j0 += {keops.TILE}") == tiled
+            assert loop.code.count("#pragma omp simd") == 3 * tiled
+            assert loop.code.count(head) == (1 if name == "CpuReduc" else 2) - tiled  # the batched one stays
+            assert ("DRIFTOPS_VECTOR_EXP" in loop.code) == tiled
+
+
 def test_keops_imported_first_keeps_its_own_flags_and_loops():
     code = "import json, keopscore, driftops; print(json.dumps([keopscore.config.get_cpp_flags(), driftops.threads.settings()]))"
     flags, settings = json.loads(_python(code).stdout.strip().splitlines()[-1])
-    assert SCHEDULE_MACRO not in flags.split() and NATIVE_CXXFLAGS not in flags.split()
+    assert LOOPS_MACRO not in flags.split() and NATIVE_CXXFLAGS not in flags.split()
     assert settings["keops_loops"] == "static"
 
 
