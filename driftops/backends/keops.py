@@ -198,7 +198,8 @@ def _own_loops() -> bool:
 def _import_pykeops() -> None:
     """Import pykeops, and where keopscore is not imported yet (it reads ``CXXFLAGS`` once, at import): with
     ``CXXFLAGS`` in the environment during the import set to the user's, or where they set none (an empty one
-    counts) :func:`_native_flags`, followed by :data:`LOOPS_MACRO`, and with :data:`LOOP_SCHEDULES`; the
+    counts) :func:`_native_flags`, followed by :data:`LOOPS_MACRO` and :func:`_vector_exp_flags`, and with
+    driftops's loops (:func:`_own_loops`); the
     environment is restored right after (subprocesses see the user's). Without its "CUDA libraries not found"
     notice when torch sees no CUDA device (the notice then says nothing new); every other line it prints passes
     through."""
