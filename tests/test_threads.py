@@ -107,16 +107,18 @@ def test_keops_loops_hand_out_rows_as_threads_come_free():
 
 
 def test_keops_softmax_columns_are_summed_in_tiles():
-    """Log-sum-exp / softmax reductions (rendered, not compiled) sum their unbatched columns in tiles with the
-    vectorised exp declared; batched block-sparse columns and other reductions keep KeOps's own loop."""
+    """Log-sum-exp / softmax reductions (rendered, not compiled) with few weights sum their unbatched columns in tiles
+    with the vectorised exp declared; wider ones, batched block-sparse columns and other reductions keep KeOps's loop."""
     for name, cls in keops._templates().items():
         head = keops.COLUMN_LOOPS[name][0]
-        for formula, tiled in [("Max_SumShiftExpWeight_Reduction(Var(0,1,0)*Var(1,1,1),0,Var(2,2,1))", True),
+        wide = keops.TILE_MAX_WEIGHTS  # the constant 1 and `wide` values: one weight too many
+        for formula, tiled in [("Max_SumShiftExpWeight_Reduction(Var(0,1,0)*Var(1,1,1),0,Concat(IntCst(1),Var(2,2,1)))", True),
+                               (f"Max_SumShiftExpWeight_Reduction(Var(0,1,0)*Var(1,1,1),0,Concat(IntCst(1),Var(2,{wide},1)))", False),
                                ("Sum_Reduction(Var(0,1,0)*Var(1,1,1),0)", False)]:  # fmt: skip
             loop = cls(formula, [], 3, "float", "float", "block_sum", 0, 0, 0, 0, 0, -1)
             loop.get_code()
             assert loop.code.count(f"j0 += {keops.TILE}") == tiled
-            assert loop.code.count("#pragma omp simd") == 3 * tiled
+            assert loop.code.count("#pragma omp simd") == 2 * tiled
             assert loop.code.count(head) == (1 if name == "CpuReduc" else 2) - tiled  # the batched one stays
             assert ("DRIFTOPS_VECTOR_EXP" in loop.code) == tiled
 

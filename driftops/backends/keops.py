@@ -46,11 +46,14 @@ LOOP_SCHEDULES = (
     ("CpuReduc", r"#pragma omp parallel for[ \t]*(?=\n[ \t]*for \(signed long int i = 0; i < nx; i\+\+\))",
      "#pragma omp parallel for schedule(dynamic, 32)"),
 )  # fmt: skip
-# Log-sum-exp and softmax reductions (KeOps's Max_SumShiftExpWeight) sum their columns in tiles of TILE: the logits
-# and weights of a tile first (one vectorisable loop), then the tile's maximum and its exponentials (two more), then
-# one update of the row's running maximum and sums, where KeOps updates them (a branch and a scalar exp) per column.
-# Twice as fast per kept pair on this CPU (8192-point 2D block-sparse reductions, benchmarks/bench_drift.py).
+# Log-sum-exp and softmax reductions (KeOps's Max_SumShiftExpWeight) with at most TILE_MAX_WEIGHTS weights per
+# column sum their columns in tiles of TILE: the logits and weights of a tile first, then the tile's maximum and its
+# exponentials and weighted sums (two SIMD loops), then one update of the row's running maximum and sums, where KeOps
+# updates them (a branch and a scalar exp) per column. 8192-point 2D drifts 2-3x faster (benchmarks/bench_drift.py);
+# a softmax mean of 64-dimensional values was 2x slower in tiles (their transposed copy), 32 about even, 16 faster.
+# (An `omp simd` on the first loop made it 1.5-2.5x slower: left to the compiler.)
 TILE = 64
+TILE_MAX_WEIGHTS = 17
 # The column loop of each CPU template as rendered (its first occurrence: the unbatched one) and its bounds.
 COLUMN_LOOPS = {
     "CpuReduc_ranges": ("for (signed long int j = start_y; j < end_y; j++) {", "start_y", "end_y"),
@@ -117,12 +120,12 @@ def _loop_end(code: str, start: int) -> int:
 
 def _tiled_columns(gen, name: str) -> None:
     """Rewrite the unbatched column loop of ``gen`` (a keopscore CPU template instance whose ``code`` is rendered) in
-    tiles of :data:`TILE` columns when its reduction is a log-sum-exp / softmax one; other reductions are left as
-    they are. Each tile's ``(max, sums)`` enters the row's accumulator as one term of KeOps's own pair update."""
+    tiles of :data:`TILE` columns when its reduction is a log-sum-exp / softmax one with at most
+    :data:`TILE_MAX_WEIGHTS` weights; other reductions are left as they are. Each tile's ``(max, sums)`` enters the row's accumulator as one term of KeOps's own pair update."""
     from keopscore.formulas.reductions.Max_SumShiftExpWeight_Reduction import Max_SumShiftExpWeight_Reduction
     from keopscore.utils.code_gen_utils import c_array, neg_infinity
 
-    if not isinstance(gen.red_formula, Max_SumShiftExpWeight_Reduction):
+    if not isinstance(gen.red_formula, Max_SumShiftExpWeight_Reduction) or gen.fout.dim - 1 > TILE_MAX_WEIGHTS:
         return
     head, first, last = COLUMN_LOOPS[name]
     dtype, dim = gen.fout.dtype, gen.fout.dim
@@ -138,7 +141,6 @@ def _tiled_columns(gen, name: str) -> None:
 for (signed long int j0 = {first}; j0 < {last}; j0 += {TILE}) {{
     signed long int width = ({last} - j0 < {TILE}) ? {last} - j0 : {TILE};
     {dtype} tile[{TILE * dim}];  // tile[k * TILE + t]: coordinate k of the formula at column j0 + t
-    #pragma omp simd
     for (signed long int t = 0; t < width; t++) {{
         signed long int j = j0 + t;
         {fout.declare()}
