@@ -49,7 +49,7 @@ LOOP_SCHEDULES = (
 # Log-sum-exp and softmax reductions (KeOps's Max_SumShiftExpWeight) with at most TILE_MAX_WEIGHTS weights per
 # column sum their columns in tiles of TILE: the logits and weights of a tile first, then the tile's maximum and its
 # exponentials and weighted sums (two SIMD loops), then one update of the row's running maximum and sums, where KeOps
-# updates them (a branch and a scalar exp) per column. 8192-point 2D drifts 2-3x faster (benchmarks/bench_drift.py);
+# updates them (a branch and a scalar exp) per column. 8192-point 2D drifts 3-5x faster (benchmarks/bench_drift.py);
 # a softmax mean of 64-dimensional values was 2x slower in tiles (their transposed copy), 32 about even, 16 faster.
 # (An `omp simd` on the first loop made it 1.5-2.5x slower: left to the compiler.)
 TILE = 64
