@@ -81,9 +81,14 @@ def native_cxxflags(cpuinfo: str) -> str:
     return f"{NATIVE_CXXFLAGS} -DDRIFTOPS_CPU={key}"
 
 
+def _x86_64_linux() -> bool:
+    """Whether this is x86-64 Linux, where driftops chooses KeOps's compiler flags (g++ or clang, glibc)."""
+    return sys.platform == "linux" and platform.machine() == "x86_64"
+
+
 def _native_flags() -> str | None:
     """:func:`native_cxxflags` on x86-64 Linux with a readable ``/proc/cpuinfo``, else None (KeOps's own flags)."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
+    if not _x86_64_linux():
         return None
     try:
         return native_cxxflags(Path("/proc/cpuinfo").read_text())
@@ -103,9 +108,7 @@ def _vector_exp_flags() -> str | None:
     """:data:`VECTOR_EXP_FLAGS` on x86-64 Linux where glibc's libmvec is installed, else None."""
     import ctypes.util
 
-    if sys.platform != "linux" or platform.machine() != "x86_64" or ctypes.util.find_library("mvec") is None:
-        return None
-    return VECTOR_EXP_FLAGS
+    return VECTOR_EXP_FLAGS if _x86_64_linux() and ctypes.util.find_library("mvec") is not None else None
 
 
 def _loop_end(code: str, start: int) -> int:
@@ -121,7 +124,8 @@ def _loop_end(code: str, start: int) -> int:
 def _tiled_columns(gen, name: str) -> None:
     """Rewrite the unbatched column loop of ``gen`` (a keopscore CPU template instance whose ``code`` is rendered) in
     tiles of :data:`TILE` columns when its reduction is a log-sum-exp / softmax one with at most
-    :data:`TILE_MAX_WEIGHTS` weights; other reductions are left as they are. Each tile's ``(max, sums)`` enters the row's accumulator as one term of KeOps's own pair update."""
+    :data:`TILE_MAX_WEIGHTS` weights; other reductions are left as they are. Each tile's ``(max, sums)`` enters the
+    row's accumulator as one term of KeOps's own pair update."""
     from keopscore.formulas.reductions.Max_SumShiftExpWeight_Reduction import Max_SumShiftExpWeight_Reduction
     from keopscore.utils.code_gen_utils import c_array, neg_infinity
 
