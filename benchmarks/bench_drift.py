@@ -19,6 +19,7 @@ their marginal error, and GeomLoss's gradient time.
 
     python benchmarks/bench_drift.py --loads-only    # the load table alone (about 45 minutes on 2 cores)
     python benchmarks/bench_drift.py --loads-only --plans one_sided two_sided   # without Sinkhorn (about 8 minutes)
+    python benchmarks/bench_drift.py --loads-only --plans one_sided two_sided --rounds 3   # ratios to idle per round
     python benchmarks/bench_drift.py                 # everything (about 65 minutes)
     python benchmarks/bench_drift.py --quick         # small sizes, a few minutes
     python benchmarks/bench_drift.py --loads-only --loads idle --envs default generic   # compiler flags
@@ -123,25 +124,49 @@ def child_drift(payload: dict) -> dict:
 
 
 def load_table(args) -> list[dict]:
-    """The headline table: every (load, environment, plan) in subprocesses (see the module docstring)."""
+    """The headline table: every (load, environment, plan) in subprocesses (see the module docstring), ``--rounds``
+    times with the loads alternating, so that each busy or pair case has an idle case of the same round beside it."""
     rows = []
     impls = [args.impl, "dense"]
-    for scenario in args.loads:
-        for env in args.envs:
-            for plan in args.plans:
-                payload = {"n": args.load_n, "plan": plan, "eps": args.eps, "impls": impls, "repeat": args.repeat}
-                with load(scenario) as copies:
-                    results = run_script(__file__, payload, env, copies)
-                for k, r in enumerate(results):
-                    row = {"load": scenario if copies == 1 else f"{scenario}#{k + 1}", "env": env, "plan": plan, "N": args.load_n, **r}
-                    if "dense_best" in r and f"{args.impl}_best" in r:
-                        row["x_dense"] = r["dense_best"] / r[f"{args.impl}_best"]
-                    rows.append(row)
-                    print_table([row], list(row))
+    for round_ in range(args.rounds):
+        for scenario in args.loads:
+            for env in args.envs:
+                for plan in args.plans:
+                    payload = {"n": args.load_n, "plan": plan, "eps": args.eps, "impls": impls, "repeat": args.repeat}
+                    with load(scenario) as copies:
+                        results = run_script(__file__, payload, env, copies)
+                    for k, r in enumerate(results):
+                        load_name = scenario if copies == 1 else f"{scenario}#{k + 1}"
+                        row = {"round": round_, "load": load_name, "env": env, "plan": plan, "N": args.load_n, **r}
+                        if "dense_best" in r and f"{args.impl}_best" in r:
+                            row["x_dense"] = r["dense_best"] / r[f"{args.impl}_best"]
+                        rows.append(row)
+                        print_table([row], list(row))
     print()
     a = args.impl
-    print_table(rows, ["load", "env", "plan", "N", f"{a}_best", f"{a}_median", "dense_best", "dense_median", "x_dense", "error"])
+    print_table(rows, ["round", "load", "env", "plan", "N", f"{a}_best", f"{a}_median", "dense_best", "dense_median", "x_dense", "error"])
+    if args.rounds > 1:
+        print()
+        print_table(round_summary(rows, f"{a}_best"), ["load", "env", "plan", "best", "x_idle_median", "x_idle_rounds"])
     return rows
+
+
+def round_summary(rows: list[dict], key: str) -> list[dict]:
+    """Per (load, environment, plan): the best time over the rounds, and each round's time over the idle time of the
+    same round, environment and plan (``x_idle_rounds``) with its median."""
+    idle = {(r["round"], r["env"], r["plan"]): r[key] for r in rows if r["load"] == "idle" and key in r}
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if key in r:
+            cells.setdefault((r["load"], r["env"], r["plan"]), []).append(r)
+    out = []
+    for (load_name, env, plan), group in cells.items():
+        ratios = [r[key] / idle[r["round"], env, plan] for r in group if (r["round"], env, plan) in idle]
+        out.append({
+            "load": load_name, "env": env, "plan": plan, "best": min(r[key] for r in group),
+            "x_idle_median": statistics.median(ratios) if ratios else None, "x_idle_rounds": [round(q, 2) for q in ratios],
+        })  # fmt: skip
+    return out
 
 
 def case_sinkhorn(n, eps, impl, tol):
@@ -170,6 +195,7 @@ def main() -> None:
     p.add_argument("--load-n", type=int, default=8192, help="N = M of the load table")
     p.add_argument("--impl", default="auto", help="driftops backend of the load table")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per case of the load table (best and median)")
+    p.add_argument("--rounds", type=int, default=1, help="passes over the load table, loads alternating (ratios per round)")
     p.add_argument("--loads-only", action="store_true", help="only the load table")
     p.add_argument("--no-loads", action="store_true", help="skip the load table")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 65536])
@@ -193,7 +219,8 @@ def main() -> None:
     measure(case_drift(256, "two_sided", args.eps, "keops"))  # compile outside the timings
     load_rows = [] if args.no_loads else load_table(args)
     if args.loads_only:
-        save(args.out, load_rows, vars(args), machine | {"loadavg_after": os.getloadavg()})
+        summary = round_summary(load_rows, f"{args.impl}_best") if args.rounds > 1 else []
+        save(args.out, load_rows + summary, vars(args), machine | {"loadavg_after": os.getloadavg()})
         return
     rows = []
 

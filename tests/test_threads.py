@@ -115,12 +115,14 @@ def test_keops_softmax_columns_are_summed_in_tiles():
         for formula, tiled in [("Max_SumShiftExpWeight_Reduction(Var(0,1,0)*Var(1,1,1),0,Concat(IntCst(1),Var(2,2,1)))", True),
                                (f"Max_SumShiftExpWeight_Reduction(Var(0,1,0)*Var(1,1,1),0,Concat(IntCst(1),Var(2,{wide},1)))", False),
                                ("Sum_Reduction(Var(0,1,0)*Var(1,1,1),0)", False)]:  # fmt: skip
-            loop = cls(formula, [], 3, "float", "float", "block_sum", 0, 0, 0, 0, 0, -1)
-            loop.get_code()
-            assert loop.code.count(f"j0 += {keops.TILE}") == tiled
-            assert loop.code.count("#pragma omp simd") == 2 * tiled
-            assert loop.code.count(head) == (1 if name == "CpuReduc" else 2) - tiled  # the batched one stays
-            assert ("DRIFTOPS_VECTOR_EXP" in loop.code) == tiled
+            for dtype, (exp, floor) in keops.TILE_EXP.items():
+                loop = cls(formula, [], 3, dtype, dtype, "block_sum", 0, 0, 0, 0, 0, -1)
+                loop.get_code()
+                assert loop.code.count(f"j0 += {keops.TILE}") == tiled
+                assert loop.code.count("#pragma omp simd") == 2 * tiled
+                assert loop.code.count(head) == (1 if name == "CpuReduc" else 2) - tiled  # the batched one stays
+                assert ("DRIFTOPS_VECTOR_EXP" in loop.code) == tiled
+                assert (f"= {exp}(d);" in loop.code and f"(tile_max - tile_max) + ({floor});" in loop.code) == tiled
 
 
 def test_keops_imported_first_keeps_its_own_flags_and_loops():
