@@ -25,10 +25,9 @@ DENSE_MAX_ELEMENTS = 1 << 24
 # 1.3-1.5x faster at 0.001. 4096 x 4096 (64 MiB in float32) was up to 2.2x slower at eps 0.01, where the block-sparse
 # Newton finish converges in 1-2 iterations.
 DENSE_ITERATIONS_MAX_ELEMENTS = 1 << 23
-# Largest dimension for which "auto" uses the block-sparse backend. Measured on 2D clouds of 2k to 1M points
-# (benchmarks/bench_sparse.py): it is faster than the dense-lazy reduction at every temperature, by 1.2x when
-# every block is kept (eps large: the block loop runs faster) to 20-70x at eps = 0.01, where it also skips the
-# pairs whose exp() underflows, which cost the dense-lazy loop 2-3x more than the others.
+# Largest dimension for which "auto" uses the block-sparse backend. Measured on 2D and 3D clouds of 8k to 1M points
+# (benchmarks/bench_sparse.py, bench_auto.py): it is faster than the dense-lazy reduction at every temperature, by
+# 1.1-2x when most blocks are kept, 4x at 16k points and eps = 0.01, more where a larger share is skipped.
 SPARSE_MAX_DIM = 3
 
 
@@ -42,8 +41,13 @@ class AutoBackend(Backend):
     2. inputs on a GPU: dense-lazy KeOps (its GPU path; the block-sparse path's small clusters and host-side
        bookkeeping have not been measured faster there);
     3. CPU, D <= SPARSE_MAX_DIM and no gradient needed: the block-sparse path (measured faster than dense-lazy
-       KeOps at every size and temperature tried, 2k to 1M points in 2D, eps 0.01 to 0.1);
+       KeOps from 8k to 1M points in 2D and 3D, eps 0.01 to 0.1);
     4. otherwise dense-lazy KeOps.
+
+    benchmarks/bench_auto.py measures each backend beside this pick (README): on a single reduction of fresh clouds
+    dense-lazy KeOps is faster below about 4096 points in 2D and 8192 in 3D (1.3-2.6x, a few milliseconds), which
+    rules 1 and 3 leave alone so that the reductions of the same clouds (a Sinkhorn stage, a drift's log-sum-exp and
+    mean) share one block-sparse plan.
     """
 
     name = "auto"
