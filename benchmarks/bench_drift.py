@@ -127,7 +127,7 @@ def load_table(args) -> list[dict]:
     """The headline table: every (load, environment, plan) in subprocesses (see the module docstring), ``--rounds``
     times with the loads alternating, so that each busy or pair case has an idle case of the same round beside it."""
     rows = []
-    impls = [args.impl, "dense"]
+    impls = [args.impl] + ([] if args.no_dense else ["dense"])
     for round_ in range(args.rounds):
         for scenario in args.loads:
             for env in args.envs:
@@ -196,6 +196,7 @@ def main() -> None:
     p.add_argument("--impl", default="auto", help="driftops backend of the load table")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per case of the load table (best and median)")
     p.add_argument("--rounds", type=int, default=1, help="passes over the load table, loads alternating (ratios per round)")
+    p.add_argument("--no-dense", action="store_true", help="load table without the dense drift (its Sinkhorn recipe: ~1 min a call)")
     p.add_argument("--loads-only", action="store_true", help="only the load table")
     p.add_argument("--no-loads", action="store_true", help="skip the load table")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 65536])
