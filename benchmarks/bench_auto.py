@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 import driftops  # noqa: E402,F401  (this checkout's; before torch, as the driftops command does: see driftops.threads)
 import torch  # noqa: E402
 
-from common import machine_info, print_machine, print_table, save  # noqa: E402
+from common import machine_info, print_machine, print_table, save, timings  # noqa: E402
 from driftops.backends import SPARSE_MAX_DIM, AutoBackend, DenseBackend, KeOpsBackend, SparseBackend  # noqa: E402
 
 BACKENDS = {"dense": DenseBackend, "keops": KeOpsBackend, "sparse": SparseBackend}
@@ -41,12 +40,7 @@ def clouds(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def timed(fn, repeat: int) -> float:
     """Best seconds of ``repeat`` calls of ``fn()`` after one warm-up call."""
     fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timings(fn, repeat))
 
 
 def case(kind: str, name: str, x: torch.Tensor, y: torch.Tensor, eps: float, repeat: int) -> float:

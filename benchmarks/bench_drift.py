@@ -41,7 +41,7 @@ if os.environ.get("BENCH_KEOPS_FIRST"):  # the "static" environment (common.ENVI
 import driftops  # noqa: E402  (this checkout's; before torch, as the driftops command does: see driftops.threads)
 import torch  # noqa: E402
 
-from common import ENVIRONMENTS, load, machine_info, measure, print_machine, print_table, run_script, save  # noqa: E402
+from common import ENVIRONMENTS, load, machine_info, measure, print_machine, print_table, run_script, save, timings  # noqa: E402
 from driftops.data import sample_toy  # noqa: E402
 
 
@@ -114,18 +114,15 @@ def child_drift(payload: dict) -> dict:
             else:
                 evaluate = lambda a, b: driftops.drift(a, b, eps, plan=plan, backend=impl)  # noqa: E731
             evaluate(x[:2048], y[:2048])
-            times = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                evaluate(x, y)
-                times.append(time.perf_counter() - start)
+            times = timings(lambda: evaluate(x, y), repeat)
             out[f"{impl}_best"], out[f"{impl}_median"] = min(times), statistics.median(times)
     return out
 
 
 def load_table(args) -> list[dict]:
     """The headline table: every (load, environment, plan) in subprocesses (see the module docstring), ``--rounds``
-    times with the loads alternating, so that each busy or pair case has an idle case of the same round beside it."""
+    times with the loads alternating, so that each busy or pair case has an idle case of the same round beside it;
+    with several rounds, followed by :func:`round_summary`'s rows."""
     rows = []
     impls = [args.impl] + ([] if args.no_dense else ["dense"])
     for round_ in range(args.rounds):
@@ -145,10 +142,12 @@ def load_table(args) -> list[dict]:
     print()
     a = args.impl
     print_table(rows, ["round", "load", "env", "plan", "N", f"{a}_best", f"{a}_median", "dense_best", "dense_median", "x_dense", "error"])
-    if args.rounds > 1:
-        print()
-        print_table(round_summary(rows, f"{a}_best"), ["load", "env", "plan", "best", "x_idle_median", "x_idle_rounds"])
-    return rows
+    if args.rounds == 1:
+        return rows
+    summary = round_summary(rows, f"{a}_best")
+    print()
+    print_table(summary, ["load", "env", "plan", "best", "x_idle_median", "x_idle_rounds"])
+    return rows + summary
 
 
 def round_summary(rows: list[dict], key: str) -> list[dict]:
@@ -220,8 +219,7 @@ def main() -> None:
     measure(case_drift(256, "two_sided", args.eps, "keops"))  # compile outside the timings
     load_rows = [] if args.no_loads else load_table(args)
     if args.loads_only:
-        summary = round_summary(load_rows, f"{args.impl}_best") if args.rounds > 1 else []
-        save(args.out, load_rows + summary, vars(args), machine | {"loadavg_after": os.getloadavg()})
+        save(args.out, load_rows, vars(args), machine | {"loadavg_after": os.getloadavg()})
         return
     rows = []
 

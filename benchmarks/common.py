@@ -132,6 +132,16 @@ def _child(fn: Callable[[], dict], queue) -> None:
     queue.put(out)
 
 
+def timings(fn: Callable[[], object], repeat: int) -> list[float]:
+    """Seconds of each of ``repeat`` calls of ``fn()``, one after the other."""
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
 def measure(fn: Callable[[], dict]) -> dict:
     """Run ``fn`` in a forked process; return its dict plus ``seconds`` and ``peak_mib`` (RSS growth)."""
     ctx = mp.get_context("fork")
