@@ -40,7 +40,7 @@ def run_case(args, eps: float, batch: int, seed: int) -> dict:
         steps += chunk
         cfg = TrainConfig.from_preset(
             "paper", target="checkerboard", plan="sinkhorn", eps=[eps], seed=seed, steps=steps, batch=batch,
-            minibatch=args.minibatch, sinkhorn_iters=args.sinkhorn_iters, backend="auto", threads=args.threads,
+            minibatch=args.minibatch, sinkhorn_iters=args.sinkhorn_iters, sinkhorn_newton=args.newton, backend="auto", threads=args.threads,
             eval_every=0, checkpoint_every=steps_per_round, out=str(out), progress=False,
         )  # fmt: skip
         summary = train_resumable(cfg)
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1800.0, help="training seconds per case")
     parser.add_argument("--chunks", type=int, default=12, help="evaluations per case (about)")
     parser.add_argument("--sinkhorn-iters", type=int, default=20, help="Sinkhorn iterations per drift at most")
+    parser.add_argument("--newton", type=int, default=None, help="plan entries per row of the Sinkhorn solver's Newton finish (0: none; default: the solver's choice)")
     parser.add_argument("--eval-points", type=int, default=4000, help="exact W2^2 on this many points")
     args = parser.parse_args()
     store = Store(args.name)
@@ -73,8 +74,9 @@ def main() -> None:
             rs = [r for r in recs if (r["eps"], r["batch"]) == (eps, batch)]
             late = [late_mean([p["seconds"] for p in r["curve"]], [p["w2"] for p in r["curve"]], args.budget) for r in rs]
             table.append(f"| {eps:g} | {batch} | {mean_std([r['w2'] for r in rs], 4)} | {mean_std(late, 4)} | {mean_std([r['steps'] for r in rs], 0)} |")
+    newton = "" if args.newton is None else ", no Newton finish" if args.newton == 0 else f", Newton finish on {args.newton} plan entries per row"
     protocol = (
-        f"Paper checkerboard, Sinkhorn drift (at most {args.sinkhorn_iters} iterations per drift, backend auto), generator "
+        f"Paper checkerboard, Sinkhorn drift (at most {args.sinkhorn_iters} iterations per drift, backend auto{newton}), generator "
         f"minibatch {args.minibatch}, wide MLP, AdamW 2e-4; {args.budget:g} s of training time per case; exact W2^2 of "
         f"{args.eval_points} generated vs {args.eval_points} fresh target points; mean ± std over seeds {seeds[0]}..{seeds[-1]}; "
         "'over the last third': each run's mean over its evaluations after two thirds of the budget (one evaluation "
