@@ -60,6 +60,11 @@ ACCELERATIONS = ("adaptive", "fixed", "none")
 NEWTON_MASS = 0.75
 # Plan entries per row a Newton finish starts from by default (Sinkhorn(newton=None)) where it applies.
 NEWTON_K = 128
+# Solves capped below this many iterations per stage stop on their cap rather than their tolerance (a drift capped as
+# the Sinkhorn-drifting paper's 20 iterations): by default they iterate, since a Newton step (a top-k, conjugate
+# gradients, a line search, a new block plan) counts as one iteration but costs several. Capped at 20, 65,536-point
+# drifts at eps 0.001 (2D) made training rounds 2-3x longer with Newton steps, for no better generator per step.
+NEWTON_MIN_ITER = 100
 NEWTON_MAX_ENTRIES = 1 << 25
 # A Newton step of length t is taken when it lowers the marginal error by at least this share times t; a whole step
 # must halve it, which a step (~13 reductions with its top-k) does when it beats the over-relaxed iterations it replaces.
@@ -91,9 +96,10 @@ class Sinkhorn:
     newton: k > 0 finishes a cross problem on the points with Newton steps whose Hessian keeps the k largest plan
     entries of each row (:func:`_iterate_newton`; needs the column cloud held whole: not in "ring" or "mesh" modes,
     which keep the over-relaxed iterations); 0: over-relaxed iterations throughout; None (default): ``NEWTON_K``
-    where coarse levels apply (backends "auto" and "sparse", D <= 3; measured faster there) and a kernel covers few
-    enough points for k entries to hold most of a row (low eps; :func:`newton_entries`), else 0 (at larger eps and
-    in higher D the top-k reduction costs more than the steps save).
+    where coarse levels apply (backends "auto" and "sparse", D <= 3; measured faster there), a kernel covers few
+    enough points for k entries to hold most of a row (low eps; :func:`newton_entries`) and ``max_iter`` is at least
+    ``NEWTON_MIN_ITER``, else 0 (at larger eps and in higher D the top-k reduction costs more than the steps save; a
+    capped solve wants the cheapest iterations).
     warm_accept: a warm start whose marginal error is below it is iterated directly, worse ones
     re-anneal from ``warm_restart * eps``. stall: iterations without a 1% improvement of the best
     marginal error after which a solve stops (its error cannot improve further, e.g. float32 rounding).
@@ -221,14 +227,15 @@ def low_dim_path(backend: Backend, dim: int) -> bool:
 def newton_entries(solver: Sinkhorn, geom: Geometry, rows: Cloud, cols: Cloud | None) -> int:
     """Plan entries per row of a Newton finish of ``rows`` against ``cols`` (None: the self problem, which has none):
     ``solver.newton``, or when None ``NEWTON_K`` on the low-dimensional path (:func:`low_dim_path`) where a kernel
-    holds few enough columns (:func:`kernel_points`) for k entries to hold ``NEWTON_MASS`` of a row's mass, else 0.
+    holds few enough columns (:func:`kernel_points`) for k entries to hold ``NEWTON_MASS`` of a row's mass, for a
+    solve allowed ``NEWTON_MIN_ITER`` iterations or more, else 0.
     Where "auto" iterates densely on the points, none: a dense reduction reuses its kernel (a matrix-vector product,
     :mod:`driftops.backends.dense`), and the iterations cost less than the top-k and the conjugate gradients."""
     if cols is None:
         return 0
     if solver.newton is not None:
         return solver.newton
-    if rows.full is None or cols.full is None or not low_dim_path(geom.backend, cols.full.shape[1]):
+    if solver.max_iter < NEWTON_MIN_ITER or rows.full is None or cols.full is None or not low_dim_path(geom.backend, cols.full.shape[1]):
         return 0
     iterating = geom.backend.iterations()
     if isinstance(iterating, AutoBackend) and iterating.pick(rows.full, cols.full) is iterating.dense:

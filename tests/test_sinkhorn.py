@@ -14,7 +14,7 @@ from driftops.errors import DriftopsError
 from driftops.parallel import Cloud, Comm
 from driftops.plans import Geometry
 from driftops.costs import max_cost
-from driftops.sinkhorn import ACCELERATIONS, ONE_SHOT_ITERATIONS, Sinkhorn, SolveStatus, kernel_points, level, newton_entries, relax, sinkhorn, stages
+from driftops.sinkhorn import ACCELERATIONS, NEWTON_MIN_ITER, ONE_SHOT_ITERATIONS, Sinkhorn, SolveStatus, kernel_points, level, newton_entries, relax, sinkhorn, stages
 
 import reference
 
@@ -243,7 +243,11 @@ def test_newton_finish_by_default_where_coarse_levels_apply():
     # block-sparse path, with Newton steps (the rule, without solving).
     geom = Geometry(0.01, "sqeuclidean", driftops.backends.AutoBackend(), Comm())
     assert newton_entries(Sinkhorn(), geom, *(Cloud.split(c, Comm()) for c in pair(1800, 1700))) == 0
-    assert newton_entries(Sinkhorn(), geom, *(Cloud.split(c, Comm()) for c in pair(4200, 4100, torch.float32))) == 128
+    clouds = [Cloud.split(c, Comm()) for c in pair(4200, 4100, torch.float32)]
+    assert newton_entries(Sinkhorn(), geom, *clouds) == newton_entries(Sinkhorn(max_iter=NEWTON_MIN_ITER), geom, *clouds) == 128
+    # A capped solve iterates unless asked for Newton steps.
+    assert newton_entries(Sinkhorn(max_iter=NEWTON_MIN_ITER - 1), geom, *clouds) == 0
+    assert newton_entries(Sinkhorn(max_iter=20, newton=64), geom, *clouds) == 64
     # At a large eps each row spreads over most of the 300 columns: 128 entries would miss much of it, no Newton.
     assert driftops.drift(x, y, 5.0, plan="sinkhorn", backend="sparse", return_info=True)[1].sinkhorn[5.0][0].newton == 0
 
