@@ -60,12 +60,12 @@ ACCELERATIONS = ("adaptive", "fixed", "none")
 NEWTON_MASS = 0.75
 # Plan entries per row a Newton finish starts from by default (Sinkhorn(newton=None)) where it applies.
 NEWTON_K = 128
+NEWTON_MAX_ENTRIES = 1 << 25
 # Solves capped below this many iterations per stage stop on their cap rather than their tolerance (a drift capped as
 # the Sinkhorn-drifting paper's 20 iterations): by default they iterate, since a Newton step (a top-k, conjugate
 # gradients, a line search, a new block plan) counts as one iteration but costs several. Capped at 20, 65,536-point
 # drifts at eps 0.001 (2D) made training rounds 2-3x longer with Newton steps, for no better generator per step.
 NEWTON_MIN_ITER = 100
-NEWTON_MAX_ENTRIES = 1 << 25
 # A Newton step of length t is taken when it lowers the marginal error by at least this share times t; a whole step
 # must halve it, which a step (~13 reductions with its top-k) does when it beats the over-relaxed iterations it replaces.
 NEWTON_DECREASE = 0.5
