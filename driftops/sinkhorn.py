@@ -77,6 +77,9 @@ CG_CHECK = 10
 # kernel costs a few block-sparse reductions, which a stage converging at once (a warm-started flow step) would not
 # win back.
 ONE_SHOT_ITERATIONS = 5
+# A stalled error ends a solve only if its potentials moved by at most eps, or by this many rounding units of their
+# largest value when that is more (float32 potentials at tiny eps jitter by a few units at a fixed point of rounding).
+STALL_ROUNDING = 64
 # Cell sides of the coarse levels at the target temperature, in units of the finest side (kernel width / level_cells).
 COARSE_SCALES = (1.0, 2.0, 4.0, 8.0)
 
@@ -102,7 +105,8 @@ class Sinkhorn:
     capped solve wants the cheapest iterations).
     warm_accept: a warm start whose marginal error is below it is iterated directly, worse ones
     re-anneal from ``warm_restart * eps``. stall: iterations without a 1% improvement of the best
-    marginal error after which a solve stops (its error cannot improve further, e.g. float32 rounding).
+    marginal error after which a solve stops (its error cannot improve further, e.g. float32 rounding), unless its
+    potentials still move by more than eps (a plateau of the error: see ``_Progress.stalled``).
     recentre: for the squared Euclidean cost, :func:`driftops.drift` and :func:`driftops.barycentric_map` solve
     the cross problem with x moved onto y's mean when the clouds' means are farther apart than ``recentre`` times
     the larger bounding-box diagonal of the two (the plan is unchanged; the potentials, in ``support``, are then
@@ -416,6 +420,7 @@ class _Progress:
     err: float = math.inf
     best: float = math.inf
     since: int = 0
+    mark: torch.Tensor | None = None  # the potential half-way through the iterations without improvement
 
     @functools.cached_property
     def repeated(self) -> Geometry:
@@ -438,12 +443,25 @@ class _Progress:
         if self.status is not None:
             self.solver.progress(replace(self.status, iteration=self.it, error=self.err))
 
-    def stalled(self, err: float) -> bool:
-        """Record a measured error; True after ``solver.stall`` iterations without a 1% improvement of the best one."""
+    def stalled(self, err: float, pot: torch.Tensor, eps: float) -> bool:
+        """Record a measured error and the iterated potential ``pot``; True after ``solver.stall`` iterations without a
+        1% improvement of the best error during whose second half ``pot`` moved by at most eps. A potential that moves
+        further is crossing a plateau of the error (clustered or duplicated points at low eps shift mass one point at a
+        time, the potentials creeping by a fraction of eps per iteration): the solve goes on, judged again after half as
+        many iterations."""
         self.err = err
         if err < 0.99 * self.best:
-            self.best, self.since = err, self.it
-        return self.it - self.since >= self.solver.stall
+            self.best, self.since, self.mark = err, self.it, None
+        waited = self.it - self.since
+        if self.mark is None and 2 * waited >= self.solver.stall:
+            self.mark = pot.clone()
+        if waited < self.solver.stall:
+            return False
+        rounding = STALL_ROUNDING * torch.finfo(pot.dtype).eps * float(pot.abs().max())  # float32 jitter at tiny eps
+        if float((pot - self.mark).abs().max()) <= max(eps, rounding):
+            return True
+        self.since, self.mark = self.it - self.solver.stall // 2, pot.clone()
+        return False
 
 
 def _iterate_self(geom: Geometry, rows: Cloud, f: torch.Tensor, eps: float, tol: float, solver: Sinkhorn, status: SolveStatus | None):
@@ -455,7 +473,7 @@ def _iterate_self(geom: Geometry, rows: Cloud, f: torch.Tensor, eps: float, tol:
         err = _error(rows.log_marginal(), f, f_new, eps)
         if err < tol:
             break
-        if p.stalled(err):
+        if p.stalled(err, f, eps):
             return f, err, p.it, True
         f = 0.5 * (f + f_new)
     return f, err, p.it, False
@@ -478,7 +496,7 @@ def _iterate_cross(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, ep
             if err < tol:
                 return f, g, err, p.it, False
             w = omega.observe(p.it, err)
-            if p.stalled(err):
+            if p.stalled(err, g, eps):
                 return f, g, err, p.it, True
         w = omega.value
         g = relax(g, g_star, w, eps)
@@ -553,7 +571,7 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
     err, steps = _error(log_b, g, g_star, eps), 0
     while err >= tol and p.it < solver.max_iter:
         p.next()
-        if p.stalled(err):
+        if p.stalled(err, g, eps):
             return f, g, err, p.it, True, k if steps else 0
         top, idx = geom.topk(rows, cols, log_b + g / eps, k)
         w = torch.exp(log_a[:, None] + rows.local_part(f)[:, None] / eps + top)
