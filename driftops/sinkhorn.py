@@ -457,8 +457,7 @@ class _Progress:
             self.mark = pot.clone()
         if waited < self.solver.stall:
             return False
-        rounding = STALL_ROUNDING * torch.finfo(pot.dtype).eps * float(pot.abs().max())  # float32 jitter at tiny eps
-        if float((pot - self.mark).abs().max()) <= max(eps, rounding):
+        if float((pot - self.mark).abs().max()) <= max(eps, STALL_ROUNDING * _rounding_unit(pot)):
             return True
         self.since, self.mark = self.it - self.solver.stall // 2, pot.clone()
         return False
@@ -601,12 +600,16 @@ def _iterate_newton(geom: Geometry, rows: Cloud, cols: Cloud, g: torch.Tensor, e
     return f, g, err, p.it + its, stalled, k if steps else 0
 
 
+def _rounding_unit(pot: torch.Tensor) -> float:
+    """One rounding unit of the largest value of the potential ``pot`` in its dtype."""
+    return torch.finfo(pot.dtype).eps * float(pot.abs().max())
+
+
 def _resolution(f: torch.Tensor, g: torch.Tensor, eps: float) -> float:
     """The smallest L1 marginal error the potentials' dtype resolves at eps: one rounding unit of the largest
     potential, relative to eps (the exponent's rounding error). Reported in place of smaller errors, which a
     float32 solve can reach by hitting a fixed point of its own rounding."""
-    scale = max(float(f.abs().max()), float(g.abs().max()))
-    return min(torch.finfo(f.dtype).eps * scale / eps, 2.0)  # an L1 error between probability vectors is at most 2
+    return min(max(_rounding_unit(f), _rounding_unit(g)) / eps, 2.0)  # an L1 error between probability vectors is at most 2
 
 
 def _carry_over(warm: SinkhornResult, src: Cloud, dst: Cloud | None, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor] | None:
