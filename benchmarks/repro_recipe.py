@@ -6,13 +6,15 @@ The paper's checkerboard at eps 0.01 (``--target``, ``--eps``), the paper preset
 * ``recipe``: the paper code's drift replicated in plain torch (``common.recipe_drift``): dense log-domain Sinkhorn,
   20 alternating updates from zero potentials for the cross and the self plan, loss ``|x - stopgrad(x + V)|²``
   (its log-sum-exps skip ``exp``'s slow path on underflow: the same float32 values, 7x faster);
-* ``sinkhorn_converged`` (tol 1e-3) and ``sinkhorn`` (at most 20 iterations): driftops, the runs of
-  ``repro_toys.py --name TOYS`` (its run folders, trained here when missing).
+* ``sinkhorn_converged`` (tol 1e-3) and ``sinkhorn`` (at most 20 iterations), and any other Sinkhorn variant of
+  ``repro_toys.py`` named in ``--plans`` (e.g. ``sinkhorn_converged_8192``: the drift on 8192 points, the generator
+  fitted in minibatches of 1024): driftops, the runs of ``repro_toys.py --name TOYS`` (its run folders, trained here
+  when missing).
 
 Each final generator is scored by exact W2² (POT) over ``--draws`` fresh draws of 1000 vs 1000 points (the paper's
 metric) and 3 draws of 4000 vs 4000 points (a 4x lower floor), beside each size's floor (two independent target
-draws), and each drift's mean squared norm at model = target (one target batch against ``EQUILIBRIUM_DRAWS``
-independent ones: the push a generator that already matches the target still receives). Writes
+draws), and each drift's mean squared norm at model = target (one target batch of the drift's size against
+``EQUILIBRIUM_DRAWS`` independent ones: the push a generator that already matches the target still receives). Writes
 benchmarks/results/<name>.{json,md} and <name>_curves.png (W2² vs step, mean ± std over seeds).
 Resumable; ``--only-seed S`` trains one seed's recipe run, so two processes can share the work.
 
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from common import logsumexp_underflow_free, recipe_drift, recipe_model
 from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, late_mean, mean_std, redraw_w2, seed_list, train_resumable, write_markdown
-from repro_toys import case_config, case_dir, redrawn
+from repro_toys import PLANS, case_config, case_dir, redrawn
 
 import torch
 
@@ -40,7 +42,6 @@ from driftops.files import atomic_write_bytes
 from driftops.metrics import w2
 from driftops.train import Target, TrainConfig, read_metrics
 
-DRIFTOPS_PLANS = ("sinkhorn_converged", "sinkhorn")
 EVAL_EVERY = 100
 LARGE = 4000  # points per side of the second W2² score
 LARGE_DRAWS = 3
@@ -99,23 +100,32 @@ def recipe_sampler(cfg: TrainConfig, target: Target, out: Path):
     return lambda n, seed: model.sample(n, generator=torch.Generator().manual_seed(seed))
 
 
-def equilibrium(args: argparse.Namespace, toys: argparse.Namespace, target: Target) -> dict[str, float]:
-    """Mean squared drift norm per point when the model is the target: one batch of target points (the preset's
-    batch, seed 0) against ``EQUILIBRIUM_DRAWS`` independent target batches, for the recipe and each driftops plan
-    (the trainer's drift options)."""
-    batch = TrainConfig.from_preset("paper").batch
-    x = target.sample(batch, torch.Generator().manual_seed(0))
-    drifts = {"recipe": lambda y: recipe_drift(x, y, args.eps, logsumexp=logsumexp_underflow_free)[0]}
-    for plan in DRIFTOPS_PLANS:
-        opts = {k: v for k, v in case_config(toys, args.target, plan, args.eps, 42).flow_options().items() if k != "step_size"}
-        drifts[plan] = lambda y, opts=opts: driftops.drift(x, y, **opts)
+def equilibrium(args: argparse.Namespace, toys: argparse.Namespace, target: Target, plans: list[str]) -> dict[str, float]:
+    """Mean squared drift norm per point when the model is the target, for each of ``plans`` ("recipe" or a driftops
+    plan, with the trainer's drift options): one batch of target points of the drift's size (seed 0) against
+    ``EQUILIBRIUM_DRAWS`` independent target batches of that size."""
     out = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sinkhorn stopped")  # the capped plan
-        for name, drift in drifts.items():
-            fields = [drift(target.sample(batch, torch.Generator().manual_seed(100 + k))) for k in range(EQUILIBRIUM_DRAWS)]
-            out[name] = float(torch.stack(fields).pow(2).sum(-1).mean())
+    for plan in plans:
+        if plan == "recipe":
+            batch = TrainConfig.from_preset("paper").batch
+            drift = lambda x, y: recipe_drift(x, y, args.eps, logsumexp=logsumexp_underflow_free)[0]  # noqa: E731
+        else:
+            cfg = case_config(toys, args.target, plan, args.eps, 42)
+            batch, opts = cfg.batch, {k: v for k, v in cfg.flow_options().items() if k != "step_size"}
+            drift = lambda x, y, opts=opts: driftops.drift(x, y, **opts)  # noqa: E731
+        x = target.sample(batch, torch.Generator().manual_seed(0))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sinkhorn stopped")  # the capped plans
+            fields = [drift(x, target.sample(batch, torch.Generator().manual_seed(100 + k))) for k in range(EQUILIBRIUM_DRAWS)]
+        out[plan] = float(torch.stack(fields).pow(2).sum(-1).mean())
     return out
+
+
+def label(plan: str) -> str:
+    """A driftops plan's row name: its Sinkhorn stopping rule, and its drift batch when larger than the minibatch."""
+    cfg = PLANS[plan]
+    name = f"driftops, converged to {cfg['sinkhorn_tol']:g}" if "sinkhorn_tol" in cfg else f"driftops, at most {cfg['sinkhorn_iters']} iterations"
+    return name + (f", drift batch {cfg['batch']}" if "batch" in cfg else "")
 
 
 def main() -> None:
@@ -125,6 +135,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--draws", type=int, default=10, help="fresh 1000-vs-1000 draws of the final W2^2")
     parser.add_argument("--toys", default="repro_toys", help="the repro_toys.py store whose driftops runs are used")
+    parser.add_argument("--plans", nargs="+", choices=[p for p in PLANS if p.startswith("sinkhorn")], default=["sinkhorn_converged", "sinkhorn"],
+                        help="driftops's drifts (repro_toys.py plans) set beside the recipe")
     parser.add_argument("--only-seed", type=int, help="train this seed's recipe run only, then stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,7 +153,7 @@ def main() -> None:
                             "marginal_error": statistics.fmean(state["errors"]), **{k: state[k] for k in ("curve_steps", "curve_seconds", "curve_w2")}})  # fmt: skip
     if args.only_seed is not None:
         return
-    for plan in DRIFTOPS_PLANS:
+    for plan in args.plans:
         for seed in seeds:
             key = f"{plan}|{seed}"
             if key not in store:
@@ -151,7 +163,7 @@ def main() -> None:
                 steps, seconds, w2s = curve(out)
                 store.add(key, {"plan": plan, "seed": seed, "seconds_per_step": summary["seconds"] / summary["steps"], "marginal_error": statistics.fmean(errors),
                                 "curve_steps": steps, "curve_seconds": seconds, "curve_w2": w2s})  # fmt: skip
-    for plan in ("recipe", *DRIFTOPS_PLANS):
+    for plan in ("recipe", *args.plans):
         for seed in seeds:
             key = f"score|{plan}|{seed}"
             if key not in store:
@@ -163,14 +175,15 @@ def main() -> None:
                     out = case_dir(args.toys, args.target, plan, args.eps, seed)
                     small, large = redrawn(out, args.draws), redrawn(out, LARGE_DRAWS, LARGE)
                 store.add(key, {"plan": plan, "seed": seed, "w2_1000": small, "w2_4000": large})
-    if "equilibrium" not in store:
-        store.add("equilibrium", equilibrium(args, toys, target))
+    done = store.records.get("equilibrium", {})
+    if missing := [p for p in ("recipe", *args.plans) if p not in done]:
+        store.add("equilibrium", {**done, **equilibrium(args, toys, target, missing)})
     report(args, store, seeds)
 
 
 def report(args, store: Store, seeds: list[int]) -> None:
     """The table (mean ± std over seeds, draws pooled) and the W2²-vs-step bands."""
-    names = {"recipe": "paper code's recipe (replica)", "sinkhorn_converged": "driftops, converged to 1e-3", "sinkhorn": "driftops, at most 20 iterations"}
+    names = {"recipe": "paper code's recipe (replica)"} | {p: label(p) for p in args.plans}
     runs = {p: [store.records[f"{p}|{s}"] for s in seeds] for p in names}
     scores = {p: [store.records[f"score|{p}|{s}"] for s in seeds] for p in names}
     table = [
@@ -191,11 +204,13 @@ def report(args, store: Store, seeds: list[int]) -> None:
         f"batch 1024, no EMA, no clipping), {args.steps} steps, seeds {seeds[0]}..{seeds[-1]}, {args.threads} thread(s) per run. "
         "Recipe: the paper code's drift in plain torch (dense log-domain Sinkhorn, 20 alternating updates from zero potentials "
         "for the cross and the self plan); driftops: `driftops.drift` with plan sinkhorn, converged to an L1 marginal error of "
-        "1e-3 or capped at 20 iterations. Training eval: exact W2² of 1000 generated vs 1000 target points at the last step; "
+        "1e-3 or capped at 20 iterations; a drift batch of 8192: the drift of 8192 generated vs 8192 target points, the "
+        "generator fitted to them in minibatches of 1024 (8 optimiser steps per drift, evaluated at the first step past each "
+        "multiple of 100). Training eval: exact W2² of 1000 generated vs 1000 target points at the last step; "
         f"over the last third: each run's mean over its evaluations (every {EVAL_EVERY} steps) after two thirds of the steps. "
         "Final W2²: exact, over fresh draws of generated and target points, pooled over seeds; the floor is the same statistic "
         "between two independent target draws. Mean marginal error: the cross plan's L1 marginal error over the steps. "
-        f"Mean |V|² at model = target: one batch of target points against {EQUILIBRIUM_DRAWS} independent target batches, mean "
+        f"Mean |V|² at model = target: one batch of target points of the drift's size against {EQUILIBRIUM_DRAWS} independent target batches, mean "
         "over points and batches (zero for an exact drift of the populations; what remains is sampling noise and bias). s/step "
         "is not a speed comparison: the runs shared the machine with each other (see bench_train_step.py for that)."
     )
