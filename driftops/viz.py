@@ -260,12 +260,15 @@ def plot_curve_bands(panels: dict[str, dict[str, tuple]], path, xlabel: str | di
     ``panels``: ``{panel title: {curve label: (x (T,), runs (S, T))}}``; each curve is the mean over
     the S runs with a shaded band of ± one standard deviation; log-scale y; a curve of fewer than 3 points is
     also marked point by point (a line alone would not show one). ``xlabel``: one label, or one per panel title.
+    Legends of more than 3 curves sit under their panel, clear of the curves.
     """
     if not panels:
         raise DriftopsError("panels is empty; pass {title: {label: (x, runs)}}")
     ncols = ncols or min(3, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    most = max(len(curves) for curves in panels.values())
+    below = most > 3
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, (3.2 + 0.2 * most * below) * nrows), squeeze=False)
     for ax, (title, curves) in zip(axes.flat, panels.items()):
         for label, (x, runs) in curves.items():
             runs = np.atleast_2d(np.asarray(runs, dtype=float))
@@ -278,7 +281,7 @@ def plot_curve_bands(panels: dict[str, dict[str, tuple]], path, xlabel: str | di
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, **(dict(loc="upper center", bbox_to_anchor=(0.5, -0.22)) if below else {}))
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
