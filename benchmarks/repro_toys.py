@@ -58,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     store = Store(args.name)
     seeds = seed_list(args)
-    runs = [args.only_seed] if args.only_seed is not None else seeds
-    for key, (target, plan, eps, seed) in store.pending(case_key, args.targets, args.plans, args.eps, runs):
+    to_train = [args.only_seed] if args.only_seed is not None else seeds
+    for key, (target, plan, eps, seed) in store.pending(case_key, args.targets, args.plans, args.eps, to_train):
         out = case_dir(args.name, target, plan, eps, seed)
         summary = train_resumable(case_config(args, target, plan, eps, seed))
         final = evaluate(out, n=1000, seed=10_000 + seed)["w2"]
