@@ -4,7 +4,9 @@ The toys without prefix follow the Sinkhorn-drifting paper (its toy code): ``eig
 (radius 2, std 0.08), ``checkerboard`` (4x4 tiles on [-2, 2]^2, noise 0.05), ``moons`` (noise
 0.08) and ``spiral`` (noise 0.05); the FFJORD-scale versions are ``ffjord_eight_gaussians``,
 ``ffjord_checkerboard``, ``ffjord_moons`` and ``ffjord_spiral``; ``cfm_eight_gaussians`` and ``cfm_moons`` are
-torchcfm's (the NSGF paper's data); ``s_curve`` is scikit-learn's S-curve seen in its (x, z) plane. Each toy is a small frozen
+the torchcfm package's samplers, ``cfm_runner_moons``, ``cfm_runner_s_curve`` and ``cfm_runner_eight_gaussians`` the
+data of torchcfm's experiment runner (Tong et al.'s 2D runs); ``s_curve`` is scikit-learn's S-curve seen in its (x, z)
+plane. Each toy is a small frozen
 dataclass whose fields are its documented parameters; override them with
 ``dataclasses.replace(TOYS["checkerboard"], noise=0.0)`` and pass the instance to
 :func:`sample_toy`. Samplers draw with torch on the requested device from a ``torch.Generator``
@@ -29,7 +31,8 @@ Seed = torch.Generator | int
 # Other spellings accepted wherever a target name is (FFJORD's and the paper code's names).
 TOY_ALIASES = {
     "8gaussians": "eight_gaussians", "swissroll": "swiss_roll", "scurve": "s_curve", "ffjord_8gaussians": "ffjord_eight_gaussians",
-    "2spirals": "ffjord_spiral", "cfm_8gaussians": "cfm_eight_gaussians",
+    "2spirals": "ffjord_spiral", "cfm_8gaussians": "cfm_eight_gaussians", "cfm_runner_8gaussians": "cfm_runner_eight_gaussians",
+    "cfm_runner_scurve": "cfm_runner_s_curve",
 }  # fmt: skip
 
 
@@ -100,14 +103,17 @@ class Checkerboard(Toy):
 @dataclass(frozen=True)
 class Moons(Toy):
     """scikit-learn's two moons (unit half-circles, the second shifted by (1, -0.5), equal weights) minus their centre
-    (0.5, 0.25), times ``scale``, plus Gaussian noise of std ``noise`` (added before scaling, as in make_moons)."""
+    (0.5, 0.25), times ``scale``, plus Gaussian noise of std ``noise`` (added before scaling, as in make_moons), plus
+    ``centre`` (where the moons' centre lands)."""
 
     noise: float = 0.08
     scale: float = 1.0
+    centre: tuple[float, float] = (0.0, 0.0)
 
     def draw(self, n, gen, dtype, device):
         pts = _half_circles(n, gen, dtype, device) - torch.tensor([0.5, 0.25], dtype=dtype, device=device)
-        return self.scale * (pts + self.noise * self._randn(gen, dtype, device, n, 2))
+        noisy = self.scale * (pts + self.noise * self._randn(gen, dtype, device, n, 2))
+        return noisy + torch.tensor(self.centre, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -212,10 +218,16 @@ TOYS: dict[str, Toy] = {
     "ffjord_checkerboard": Checkerboard(tiles=4, half_width=4.0, noise=0.0),
     "ffjord_moons": Moons(noise=0.05, scale=2.5),
     "ffjord_spiral": FfjordSpiral(),
-    # torchcfm's (Tong et al.; the NSGF paper's 2D data): 8 Gaussians on radius 5 with covariance sqrt(0.1) I (std
+    # The torchcfm package's samplers (Tong et al.): 8 Gaussians on radius 5 with covariance sqrt(0.1) I (std
     # 0.1 ** 0.25), torchdyn's moons with a U(0, 0.2) diagonal shift, times 3, minus 1.
     "cfm_eight_gaussians": EightGaussians(radius=5.0, std=0.1**0.25),
     "cfm_moons": ShiftedMoons(),
+    # torchcfm's experiment runner (its 2D data modules): scikit-learn's moons with noise 0.05, times 2, x minus 1;
+    # scikit-learn's S-curve with noise 0.05 in its (x, z) plane, times 1.5; torchdyn's 8 Gaussians as the runner asks
+    # them (radius 5, std 1), which torchdyn places on the unit circle whatever the radius.
+    "cfm_runner_moons": Moons(noise=0.05, scale=2.0, centre=(0.0, 0.5)),
+    "cfm_runner_s_curve": SCurve(noise=0.05, scale=1.5),
+    "cfm_runner_eight_gaussians": EightGaussians(radius=1.0, std=1.0),
 }
 
 

@@ -114,6 +114,35 @@ def test_torchcfm_toys_follow_torchcfm():
     assert abs(float(shift[:, 0].std()) - 0.2 / math.sqrt(12)) < 0.002
 
 
+def test_torchcfm_runner_toys_follow_its_data_modules():
+    """cfm_runner_moons: make_moons(noise=0.05) times 2, x minus 1; cfm_runner_s_curve: make_s_curve(noise=0.05) in
+    (x, z) times 1.5; cfm_runner_eight_gaussians: torchdyn's 8 unit-circle centres at k*pi/4 with std 1."""
+    from sklearn.datasets import make_moons, make_s_curve
+
+    moons = sample_toy("cfm_runner_moons", 40000, seed=0, dtype=torch.float64)
+    bare = sample_toy(replace(TOYS["cfm_runner_moons"], noise=0.0), 40000, seed=0, dtype=torch.float64)
+    unit = (bare + torch.tensor([1.0, 0.0], dtype=torch.float64)) / 2  # back to make_moons' frame
+    upper = (unit.norm(dim=1) - 1).abs() < 1e-9
+    lower = ((unit - torch.tensor([1.0, 0.5], dtype=torch.float64)).norm(dim=1) - 1).abs() < 1e-9
+    assert (upper | lower).all() and abs(float(upper.double().mean()) - 0.5) < 0.01
+    torch.testing.assert_close((moons - bare).std(0), torch.full((2,), 0.1, dtype=torch.float64), rtol=0.02, atol=0)
+    ref = torch.from_numpy(make_moons(40000, noise=0.05, random_state=0)[0]) * 2 - torch.tensor([1.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(moons.mean(0), ref.mean(0), atol=0.02, rtol=0)
+    torch.testing.assert_close(moons.std(0), ref.std(0), rtol=0.02, atol=0)
+    scurve = sample_toy("cfm_runner_scurve", 40000, seed=0, dtype=torch.float64)
+    torch.testing.assert_close(scurve, 1.5 * sample_toy("s_curve", 40000, seed=0, dtype=torch.float64), atol=1e-12, rtol=0)
+    ref = torch.from_numpy(make_s_curve(40000, noise=0.05, random_state=0)[0][:, [0, 2]]) * 1.5
+    torch.testing.assert_close(scurve.std(0), ref.std(0), rtol=0.02, atol=0)
+    gauss = sample_toy("cfm_runner_8gaussians", 40000, seed=0, dtype=torch.float64)
+    clean = sample_toy(replace(TOYS["cfm_runner_eight_gaussians"], std=0.0), 40000, seed=0, dtype=torch.float64)
+    angle = torch.arange(8, dtype=torch.float64) * math.pi / 4
+    centres = torch.stack([angle.cos(), angle.sin()], 1)
+    mode = torch.cdist(clean, centres).min(1)
+    assert mode.values.max() < 1e-12 and (torch.bincount(mode.indices, minlength=8) / 40000 - 1 / 8).abs().max() < 0.01
+    torch.testing.assert_close((gauss - clean).std(0), torch.ones(2, dtype=torch.float64), rtol=0.02, atol=0)
+    torch.testing.assert_close(gauss.var(0), torch.full((2,), 1.5, dtype=torch.float64), rtol=0.03, atol=0)  # 1/2 + 1
+
+
 def test_rings_radii():
     r = sample_toy("rings", 4000).norm(dim=1)
     off = (r[:, None] - torch.tensor([0.875, 1.75, 2.625, 3.5])).abs().min(1).values
