@@ -1,5 +1,5 @@
 """NSGF (Zhu et al., "Neural Sinkhorn Gradient Flow", arXiv 2401.14069) and the Sinkhorn-loss trainer (Genevay et
-al.) on 2D toys, beside the NSGF paper's 2-Wasserstein table (its Table 1) on the paper's own data where it defines it.
+al.) on 2D toys, beside the NSGF paper's 2-Wasserstein table (its Table 1) on candidates for the paper's data.
 
 Source N(0, I) to each of ``--targets``, and toy to toy for each of ``--pairs`` (SOURCE:TARGET, nsgf only);
 ``--method nsgf``: a Sinkhorn particle flow of ``--batch`` particles over ``--flow-steps`` steps builds the
@@ -7,7 +7,8 @@ trajectory pool, a velocity field is fitted to it, samples integrate it with as 
 ``--method sinkhorn_loss``: a one-step generator minimising the Sinkhorn divergence (from noise: no pairs).
 Both report the 2-Wasserstein distance W2 (the square root of exact W2^2, POT) between 1000 generated and
 1000 fresh target points, mean ± std over seeds. Writes
-benchmarks/results/repro_nsgf.{json,md}. Resumable after a kill.
+benchmarks/results/repro_nsgf.{json,md} and a scatter grid of the first seed's samples (_samples.png). Resumable
+after a kill.
 
     python benchmarks/repro_nsgf.py                              # 6 targets x 2 methods + 3 pairs, 3 seeds
     python benchmarks/repro_nsgf.py --name repro_nsgf_runner --steps 20000 --batch 4096 --minibatch 256 \
@@ -19,10 +20,12 @@ benchmarks/results/repro_nsgf.{json,md}. Resumable after a kill.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from repro_common import RESULTS, Store, floor_draws, grid_parser, mean_std, seed_list, train_resumable, write_markdown
 
-from driftops.train import TrainConfig, evaluate
+from driftops import viz
+from driftops.train import Target, TrainConfig, evaluate, sample_run
 
 # The NSGF paper's Table 1 (arXiv 2401.14069v1, page 6): W2 of NSGF with 10 and 100 Euler steps and of OT-CFM with 10,
 # per task of the paper. The paper names its data without defining them: its 8 Gaussians, moons and S-curve are set
@@ -37,6 +40,11 @@ PAPER_TASK = {
     "cfm_eight_gaussians>cfm_moons": "8 Gaussians -> moons", "cfm_runner_eight_gaussians>cfm_runner_moons": "8 Gaussians -> moons",
     "s_curve": "S-curve", "cfm_runner_s_curve": "S-curve", "ffjord_checkerboard": "checkerboard",
 }  # fmt: skip
+
+
+def run_dir(name: str, task: str, method: str, seed: int) -> Path:
+    """The run folder of one case; a task is a target or ``SOURCE>TARGET``."""
+    return RESULTS / "runs" / name / f"{task.replace('>', '-to-')}-{method}-s{seed}"
 
 
 def main() -> None:
@@ -58,7 +66,7 @@ def main() -> None:
     tasks = [(t, m) for t in args.targets for m in args.methods] + [(p.replace(":", ">"), "nsgf") for p in args.pairs if "nsgf" in args.methods]
     for key, ((task, method), seed) in store.pending(lambda tm, s: f"{tm[0]}|{tm[1]}|{args.eps:g}|{s}", tasks, seeds):
         source, _, target = task.rpartition(">")
-        out = RESULTS / "runs" / args.name / f"{task.replace('>', '-to-')}-{method}-s{seed}"
+        out = run_dir(args.name, task, method, seed)
         cfg = TrainConfig(
             method=method, target=target, source=source or "gaussian", plan="sinkhorn", eps=[args.eps], seed=seed, steps=args.steps,
             batch=args.batch if method == "nsgf" else args.loss_batch, minibatch=args.minibatch if method == "nsgf" else None,
@@ -72,6 +80,7 @@ def main() -> None:
         "| task | " + " | ".join(f"{m} W2" for m in args.methods) + " | floor: W2 of two target draws, 10 times | paper's task | paper: NSGF, 10 / 100 Euler steps | paper: OT-CFM, 10 steps |",
         "|---|" + "---|" * (len(args.methods) + 4),
     ]
+    scatters: dict[tuple[str, str], tuple] = {}
     for task in dict.fromkeys(t for t, _ in tasks):
         cells = [mean_std([r["w2"] for r in store.records.values() if (r["target"], r["method"]) == (task, m) and r["seed"] in seeds]) for m in args.methods]
         source, _, target = task.rpartition(">")
@@ -80,6 +89,13 @@ def main() -> None:
         ours = PAPER_TASK.get(task)
         paper = f"{ours} | {PAPER_W2[ours][0]:.3f} / {PAPER_W2[ours][1]:.3f} | {PAPER_W2[ours][2]:.3f}" if ours else "- | - | -"
         table.append(f"| {name} | " + " | ".join(cells) + f" | {floor} | {paper} |")
+        ref, _ = Target.from_config(TrainConfig(target=target)).eval_set(2000, 10_000)
+        for m in args.methods:
+            out, done = run_dir(args.name, task, m, seeds[0]), store.records.get(f"{task}|{m}|{args.eps:g}|{seeds[0]}")
+            if done and not out.exists():
+                print(f"{out} is gone: its cell of the scatter grid is left out")
+            elif done:
+                scatters[name.replace(" → ", " →\n"), m] = (sample_run(out, 2000)[0], ref, f"W2={done['w2']:.3g} (seed {seeds[0]})")
     protocol = (
         f"eps {args.eps:g}; {args.steps} optimiser steps; nsgf: a pool of {args.batch} particles over {args.flow_steps} flow steps "
         f"(sampled with {args.flow_steps} Euler steps), {args.minibatch or args.batch} pool triples per optimiser step; sinkhorn_loss "
@@ -95,6 +111,9 @@ def main() -> None:
         "of about 1000 points of that data."
     )
     write_markdown(args.name, "NSGF and Sinkhorn-loss generators on 2D toys", table, protocol)
+    if scatters:
+        rows = list(dict.fromkeys(row for row, _ in scatters))
+        print(f"wrote {viz.plot_scatter_grid(scatters, RESULTS / f'{args.name}_samples.png', rows, args.methods)}")
 
 
 if __name__ == "__main__":
