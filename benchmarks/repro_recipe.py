@@ -46,6 +46,7 @@ EVAL_EVERY = 100
 LARGE = 4000  # points per side of the second W2² score
 LARGE_DRAWS = 3
 EQUILIBRIUM_DRAWS = 8
+PROTOCOL_SEEDS = range(42, 47)  # the paper protocol's five seeds, shown apart when more are run
 
 
 def recipe_case(args: argparse.Namespace, seed: int) -> tuple[TrainConfig, Path]:
@@ -186,19 +187,22 @@ def report(args, store: Store, seeds: list[int]) -> None:
     names = {"recipe": "paper code's recipe (replica)"} | {p: label(p) for p in args.plans}
     runs = {p: [store.records[f"{p}|{s}"] for s in seeds] for p in names}
     scores = {p: [store.records[f"score|{p}|{s}"] for s in seeds] for p in names}
+    protocol_idx = [i for i, s in enumerate(seeds) if s in PROTOCOL_SEEDS] if len(seeds) > len(PROTOCOL_SEEDS) else []
+    apart = f" W2² at step {args.steps}, seeds {PROTOCOL_SEEDS[0]}-{PROTOCOL_SEEDS[-1]} (the protocol's) |" if protocol_idx else ""
     table = [
-        f"| drift | W2² at step {args.steps} (training eval) | training evals over the last third | final W2², 1000 vs 1000, {args.draws} draws | final W2², {LARGE} vs {LARGE}, {LARGE_DRAWS} draws | s/step | mean marginal error | mean \\|V\\|² at model = target |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| drift | W2² at step {args.steps} (training eval) |{apart} training evals over the last third | final W2², 1000 vs 1000, {args.draws} draws | final W2², {LARGE} vs {LARGE}, {LARGE_DRAWS} draws | s/step | mean marginal error | mean \\|V\\|² at model = target |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * bool(apart),
     ]
     for p, name in names.items():
+        cell = f" {mean_std([runs[p][i]['curve_w2'][-1] for i in protocol_idx])} |" if apart else ""
         table.append(
-            f"| {name} | {mean_std([r['curve_w2'][-1] for r in runs[p]])} | {mean_std([late_mean(r['curve_steps'], r['curve_w2'], r['curve_steps'][-1]) for r in runs[p]])} | "
+            f"| {name} | {mean_std([r['curve_w2'][-1] for r in runs[p]])} |{cell} {mean_std([late_mean(r['curve_steps'], r['curve_w2'], r['curve_steps'][-1]) for r in runs[p]])} | "
             f"{mean_std([v for r in scores[p] for v in r['w2_1000']])} | "
             f"{mean_std([v for r in scores[p] for v in r['w2_4000']], 4)} | {mean_std([r['seconds_per_step'] for r in runs[p]])} | "
             f"{mean_std([r['marginal_error'] for r in runs[p]], 4)} | {store.records['equilibrium'][p]:.4f} |"
         )
     floor = (mean_std(floor_draws(args.target, args.draws)), mean_std(floor_draws(args.target, LARGE_DRAWS, LARGE), 4))
-    table.append(f"| two independent target draws (the floor) | | | {floor[0]} | {floor[1]} | | | |")
+    table.append(f"| two independent target draws (the floor) | | |{' |' * bool(apart)} {floor[0]} | {floor[1]} | | | |")
     protocol = (
         f"The paper's {args.target} at eps {args.eps:g}, the paper preset (wide residual MLP, 1.59M parameters, AdamW 2e-4, "
         f"batch 1024, no EMA, no clipping), {args.steps} steps, seeds {seeds[0]}..{seeds[-1]}, {args.threads} thread(s) per run. "
