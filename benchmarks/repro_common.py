@@ -91,6 +91,13 @@ def train_resumable(cfg: TrainConfig) -> dict:
     return train(cfg, resume=(Path(cfg.out) / "checkpoint.pt").exists())
 
 
+def scatter_source(out: Path) -> bool:
+    """Whether a finished case's run folder ``out`` is still there to draw its scatter cell from; says so when not."""
+    if not out.exists():
+        print(f"{out} is gone: its cell of the scatter grid is left out")
+    return out.exists()
+
+
 def curve(run_dir: str | Path) -> tuple[list[int], list[float], list[float]]:
     """Steps, training seconds and W2^2 of the evaluations logged in a run folder."""
     rows = [r for r in read_metrics(run_dir) if "w2" in r]

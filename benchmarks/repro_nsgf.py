@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from repro_common import RESULTS, Store, floor_draws, grid_parser, mean_std, seed_list, train_resumable, write_markdown
+from repro_common import RESULTS, Store, floor_draws, grid_parser, mean_std, scatter_source, seed_list, train_resumable, write_markdown
 
 from driftops import viz
 from driftops.train import Target, TrainConfig, evaluate, sample_run
@@ -40,6 +40,11 @@ PAPER_TASK = {
     "cfm_eight_gaussians>cfm_moons": "8 Gaussians -> moons", "cfm_runner_eight_gaussians>cfm_runner_moons": "8 Gaussians -> moons",
     "s_curve": "S-curve", "cfm_runner_s_curve": "S-curve", "ffjord_checkerboard": "checkerboard",
 }  # fmt: skip
+
+
+def case_key(task: str, method: str, eps: float, seed: int) -> str:
+    """The store key of one case."""
+    return f"{task}|{method}|{eps:g}|{seed}"
 
 
 def run_dir(name: str, task: str, method: str, seed: int) -> Path:
@@ -64,7 +69,7 @@ def main() -> None:
     seeds = seed_list(args)
     # A task is a target (from N(0, I)) or "SOURCE>TARGET"; pairs are flowed by nsgf alone.
     tasks = [(t, m) for t in args.targets for m in args.methods] + [(p.replace(":", ">"), "nsgf") for p in args.pairs if "nsgf" in args.methods]
-    for key, ((task, method), seed) in store.pending(lambda tm, s: f"{tm[0]}|{tm[1]}|{args.eps:g}|{s}", tasks, seeds):
+    for key, ((task, method), seed) in store.pending(lambda tm, s: case_key(*tm, args.eps, s), tasks, seeds):
         source, _, target = task.rpartition(">")
         out = run_dir(args.name, task, method, seed)
         cfg = TrainConfig(
@@ -91,10 +96,8 @@ def main() -> None:
         table.append(f"| {name} | " + " | ".join(cells) + f" | {floor} | {paper} |")
         ref, _ = Target.from_config(TrainConfig(target=target)).eval_set(2000, 10_000)
         for m in args.methods:
-            out, done = run_dir(args.name, task, m, seeds[0]), store.records.get(f"{task}|{m}|{args.eps:g}|{seeds[0]}")
-            if done and not out.exists():
-                print(f"{out} is gone: its cell of the scatter grid is left out")
-            elif done:
+            out, done = run_dir(args.name, task, m, seeds[0]), store.records.get(case_key(task, m, args.eps, seeds[0]))
+            if done and scatter_source(out):
                 scatters[name.replace(" → ", " →\n"), m] = (sample_run(out, 2000)[0], ref, f"W2={done['w2']:.3g} (seed {seeds[0]})")
     protocol = (
         f"eps {args.eps:g}; {args.steps} optimiser steps; nsgf: a pool of {args.batch} particles over {args.flow_steps} flow steps "

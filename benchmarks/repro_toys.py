@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, mean_std, redraw_w2, seed_list, train_resumable, write_markdown
+from repro_common import RESULTS, Store, curve, floor_draws, grid_parser, mean_std, redraw_w2, scatter_source, seed_list, train_resumable, write_markdown
 
 from driftops import viz
 from driftops.train import PRESETS, TrainConfig, evaluate, load_run, sample_model
@@ -144,9 +144,7 @@ def report(args, store: Store, seeds: list[int]) -> None:
             for e in args.eps:
                 out = case_dir(args.name, t, p, e, seeds[0])
                 done = [r for r in pick(t, p, e) if r["seed"] == seeds[0]]
-                if done and not out.exists():
-                    print(f"{out} is gone: its cell of the scatter grid is left out")
-                elif done:
+                if done and scatter_source(out):
                     _, method, model = load_run(out)
                     ref, _ = method.target.eval_set(2000, 10_000)
                     cells[f"{t}\n{p}", f"eps={e:g}"] = (sample_model(method, model, 2000), ref, f"W2²={done[0]['w2']:.3g}")
